@@ -1,0 +1,181 @@
+"""The one configuration object of a training run, and its command-line flags.
+
+Every field of :class:`TrainConfig` becomes a ``mnist-jax train`` flag in
+:func:`add_config_flags`; :func:`config_from_args` turns parsed flags back into a
+validated config. Nothing else in the package defines training flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any
+
+from mnist_jax.errors import UsageError
+
+MODELS = ("mlp", "cnn")
+DATASETS = ("mnist", "fashion_mnist")
+IMPLS = ("auto", "fast", "xla")
+DTYPES = ("float32", "bfloat16")
+
+
+def _field(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
+           aliases: tuple[str, ...] = ()) -> Any:
+    meta = {"help": help, "flag": flag, "choices": choices, "aliases": aliases}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in a frozen config")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and nothing that doesn't).
+
+    The defaults reproduce the Keras tutorial: the 784-784-10 MLP with dropout 0.4,
+    Adam with Keras' defaults, 100 epochs at batch size 128 on MNIST.
+    ``seeds`` × ``learning_rates`` models are trained together in one compiled
+    program (``jax.vmap`` over the train state) when there is more than one.
+    """
+
+    model: str = _field("mlp", "model to train", choices=MODELS)
+    dataset: str = _field("mnist", "dataset to train on", choices=DATASETS)
+    data_dir: str | None = _field(
+        None, "folder with the IDX archives (default: $MNIST_JAX_DATA_DIR)")
+    epochs: int = _field(100, "number of epochs")
+    batch_size: int = _field(128, "global batch size (split across devices)")
+    seeds: tuple[int, ...] = _field(
+        (0,), "random seed, or a comma-separated list to train one model per seed",
+        flag="--seeds", aliases=("--seed",))
+    learning_rates: tuple[float, ...] = _field(
+        (1e-3,), "Adam learning rate, or a comma-separated list for a sweep", flag="--lr")
+    adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default 1e-7)")
+    validation_split: float = _field(
+        0.0, "fraction of the training data held out for validation (last part, as Keras)")
+    hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
+    dropout: float | None = _field(None, "dropout rate of the MLP (default 0.4)")
+    impl: str = _field("auto", "layer implementation: fast CPU paths, plain XLA, or auto",
+                       choices=IMPLS)
+    dtype: str = _field("float32", "compute dtype (params stay float32)", choices=DTYPES)
+    devices: int | None = _field(None, "number of local devices to shard the batch over "
+                                       "(default: all)")
+    checkpoint_every: int = _field(1, "save a checkpoint every N epochs (0: never)")
+    keep_checkpoints: int = _field(3, "number of newest checkpoints to keep")
+
+    @property
+    def num_models(self) -> int:
+        return len(self.seeds) * len(self.learning_rates)
+
+    def model_grid(self) -> list[dict[str, Any]]:
+        """One ``{"seed", "lr"}`` dict per model, seeds varying slowest."""
+        return [{"seed": s, "lr": lr} for s in self.seeds for lr in self.learning_rates]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Overrides passed to :func:`mnist_jax.models.create_model`."""
+        kw: dict[str, Any] = {"dtype": self.dtype}
+        if self.model == "mlp":
+            if self.hidden:
+                kw["hidden"] = self.hidden
+            if self.dropout is not None:
+                kw["dropout"] = self.dropout
+        else:
+            kw["impl"] = self.impl
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kw).validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`UsageError` naming the first invalid value; return self."""
+        def bad(flag: str, value: Any, why: str) -> UsageError:
+            return UsageError(f"invalid {flag} {value!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise bad(_flag(f), value, f"choose from {', '.join(choices)}")
+        if self.epochs < 1:
+            raise bad("--epochs", self.epochs, "must be at least 1")
+        if self.batch_size < 1:
+            raise bad("--batch-size", self.batch_size, "must be at least 1")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise bad("--seeds", self.seeds, "seeds must be non-negative integers")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise bad("--seeds", self.seeds, "seeds must be distinct")
+        for lr in self.learning_rates:
+            if not math.isfinite(lr) or lr <= 0:
+                raise bad("--lr", lr, "learning rate must be a positive finite number")
+        if not math.isfinite(self.adam_eps) or self.adam_eps <= 0:
+            raise bad("--adam-eps", self.adam_eps, "must be a positive finite number")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise bad("--validation-split", self.validation_split, "must be in [0, 1)")
+        if any(h < 1 for h in self.hidden):
+            raise bad("--hidden", self.hidden, "layer sizes must be positive")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise bad("--dropout", self.dropout, "must be in [0, 1)")
+        if self.devices is not None and self.devices < 1:
+            raise bad("--devices", self.devices, "must be at least 1")
+        if self.checkpoint_every < 0:
+            raise bad("--checkpoint-every", self.checkpoint_every, "must be 0 or more")
+        if self.keep_checkpoints < 1:
+            raise bad("--keep-checkpoints", self.keep_checkpoints, "must be at least 1")
+        return self
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _parser_for(f: dataclasses.Field):
+    """The argparse ``type`` for a field, derived from its annotation."""
+    ann = str(f.type)
+    if ann.startswith("tuple[int"):
+        elem = int
+    elif ann.startswith("tuple[float"):
+        elem = float
+    else:
+        elem = None
+    if elem is not None:
+        def parse_list(text: str) -> tuple:
+            try:
+                return tuple(elem(v) for v in text.split(",") if v.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated {elem.__name__}s, got {text!r}") from None
+        return parse_list
+    if "int" in ann and "float" not in ann:
+        return int
+    if "float" in ann:
+        return float
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser``."""
+    group = parser.add_argument_group("training configuration")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f.metadata["help"]
+        if shown not in (None, ""):
+            help_text += f" (default: {shown})"
+        group.add_argument(_flag(f), *f.metadata["aliases"], dest=f.name,
+                           type=_parser_for(f), choices=f.metadata["choices"],
+                           default=default, help=help_text, metavar=None if
+                           f.metadata["choices"] else f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from parsed flags."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+          if hasattr(args, f.name)}
+    kw.update(overrides)
+    return TrainConfig(**kw).validate()

@@ -1,0 +1,198 @@
+"""A training run on the host: data → device → compiled epochs → metrics.
+
+:func:`fit` is the whole run as a function of a :class:`~mnist_jax.config.TrainConfig`;
+it prints nothing and writes nothing. What happens after each epoch (progress,
+logs, checkpoints) is the caller's ``on_epoch`` callback — the CLI's run
+directory, or nothing at all in the API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax import data as data_lib
+from mnist_jax import models, parallel
+from mnist_jax.config import TrainConfig
+from mnist_jax.errors import MnistJaxError, UsageError
+from mnist_jax.training import (CompiledFns, TrainState, compile_fns, create_train_state, make_optimizer,
+                                stack_states, to_host)
+
+
+class TrainingDiverged(MnistJaxError):
+    """The loss became NaN or infinite; ``state`` is the last good one."""
+
+    exit_code = 1
+
+    def __init__(self, epoch: int, step: int, state: TrainState):
+        super().__init__(f"training diverged: non-finite loss at epoch {epoch}, "
+                         f"step {step} (global step {state_step(state) + step})")
+        self.epoch, self.step, self.state = epoch, step, state
+
+
+@dataclasses.dataclass
+class DeviceData:
+    """The splits of a dataset as device arrays (uint8 images, int32 labels)."""
+
+    train: tuple[jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array]
+    val: tuple[jax.Array, jax.Array] | None = None
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns: the final state, per-epoch history and timings.
+
+    ``state`` has a leading model axis when the config trains several models.
+    """
+
+    config: TrainConfig
+    state: TrainState
+    history: list[dict[str, Any]]
+    test: dict[str, Any]
+    timings: dict[str, Any]
+    fns: CompiledFns
+    data: DeviceData
+
+
+def state_step(state: TrainState) -> int:
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
+def build_model(config: TrainConfig):
+    """The Flax module that ``config`` describes."""
+    return models.create_model(config.model, **config.model_kwargs())
+
+
+def init_state(config: TrainConfig) -> TrainState:
+    """Fresh train state(s): one per (seed, learning rate), stacked when several."""
+    model = build_model(config)
+    tx = make_optimizer(config.learning_rates[0], config.adam_eps)
+    states = [create_train_state(model, tx, m["seed"], m["lr"]) for m in config.model_grid()]
+    return states[0] if len(states) == 1 else stack_states(states)
+
+
+def put_data(dataset: data_lib.Dataset, config: TrainConfig, mesh) -> DeviceData:
+    """Split off validation data (Keras' last-fraction rule) and put the splits on
+    the devices, replicated: every step gathers its batch there."""
+    tx, ty, vx, vy = data_lib.validation_split(dataset.train_images, dataset.train_labels,
+                                               config.validation_split)
+    if config.batch_size > len(tx):
+        raise UsageError(f"invalid --batch-size {config.batch_size}: larger than the "
+                         f"{len(tx)} training examples")
+    put = lambda *a: tuple(parallel.replicate(np.asarray(x), mesh) for x in a)
+    return DeviceData(train=put(tx, ty.astype(np.int32)),
+                      test=put(dataset.test_images, dataset.test_labels.astype(np.int32)),
+                      val=put(vx, vy.astype(np.int32)) if len(vx) else None)
+
+
+def _timed_compile(fn, *args) -> tuple[Callable, float]:
+    t = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
+        state: TrainState | None = None, history: Sequence[dict] = (),
+        on_epoch: Callable[[int, TrainState, dict], None] | None = None) -> FitResult:
+    """Train the model(s) of ``config``; resume from ``state``/``history`` if given.
+
+    ``on_epoch(epoch, state, row)`` is called after every epoch with the 1-based
+    epoch number, the new state and the metrics row (what ``metrics.jsonl`` holds).
+    Raises :class:`TrainingDiverged` (carrying the last good state) on a non-finite loss.
+    """
+    config = config.validate()
+    t_start = time.perf_counter()
+    if dataset is None:
+        dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    mesh = parallel.make_data_mesh(config.devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    dev = put_data(dataset, config, mesh)
+    n_train = dev.train[0].shape[0]
+    steps = n_train // config.batch_size
+
+    if state is None:
+        state = init_state(config)
+    state = parallel.replicate(state, mesh)
+    fns = compile_fns(config.batch_size, config.num_models,
+                      parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)
+    epoch_fn, c_train = _timed_compile(fns.train_epoch, state, *dev.train)
+    eval_fn, c_eval = _timed_compile(fns.evaluate, state, *dev.test)
+    val_fn = _timed_compile(fns.evaluate, state, *dev.val)[0] if dev.val else None
+
+    history = list(history)
+    start_epoch = state_step(state) // steps
+    epoch_seconds: list[float] = []
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t = time.perf_counter()
+        new_state, m = epoch_fn(state, *dev.train)
+        m = to_host(m)
+        seconds = time.perf_counter() - t
+        bad = [s for s in np.ravel(m.first_bad_step) if s >= 0]
+        if bad:
+            raise TrainingDiverged(epoch, int(min(bad)), state)
+        state = new_state
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy}
+        if val_fn is not None:
+            v = to_host(val_fn(state, *dev.val))
+            row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+        te = to_host(eval_fn(state, *dev.test))
+        row.update(test_loss=te["loss"], test_accuracy=te["accuracy"], epoch_seconds=seconds)
+        if config.num_models > 1:
+            row["models"] = config.model_grid()
+        history.append(row)
+        epoch_seconds.append(seconds)
+        if on_epoch is not None:
+            on_epoch(epoch, state, row)
+
+    test = to_host(eval_fn(state, *dev.test))
+    timings = {"compile_seconds": c_train + c_eval, "train_compile_seconds": c_train,
+               "epoch_seconds": epoch_seconds, "data_seconds": dataset.load_seconds,
+               "total_seconds": time.perf_counter() - t_start}
+    return FitResult(config, state, history, test, timings, fns, dev)
+
+
+def summarize_models(config: TrainConfig, test: dict[str, Any]) -> dict[str, Any]:
+    """Per-model test figures and their mean ± std (population std, ddof=0)."""
+    losses = np.atleast_1d(test["loss"]).tolist()
+    accs = np.atleast_1d(test["accuracy"]).tolist()
+    out: dict[str, Any] = {"test_loss": losses[0] if len(losses) == 1 else losses,
+                           "test_accuracy": accs[0] if len(accs) == 1 else accs}
+    if config.num_models > 1:
+        out.update(test_accuracy_mean=float(np.mean(accs)), test_accuracy_std=float(np.std(accs)),
+                   test_loss_mean=float(np.mean(losses)), test_loss_std=float(np.std(losses)),
+                   per_model=[dict(m, test_loss=l, test_accuracy=a)
+                              for m, l, a in zip(config.model_grid(), losses, accs)])
+    return out
+
+
+def device_description() -> dict[str, Any]:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "kind": getattr(d, "device_kind", str(d)),
+            "count": jax.device_count(), "process_count": jax.process_count()}
+
+
+def predict(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, 10) for uint8 images (N, 28, 28) with one model's state."""
+    from mnist_jax.training import predict_probs
+    return np.asarray(jax.jit(predict_probs, static_argnums=2)(state, jnp.asarray(images), batch_size))
+
+
+def predict_classes(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Predicted digit per image, like Keras' ``predict_classes``."""
+    return predict(state, images, batch_size).argmax(-1)
+
+
+def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 1000) -> dict[str, float]:
+    """Test loss and accuracy of one model's state, like Keras' ``evaluate``."""
+    from mnist_jax.training import eval_metrics
+    m = jax.jit(eval_metrics, static_argnums=3)(state, jnp.asarray(images),
+                                                jnp.asarray(labels, jnp.int32), batch_size)
+    return {k: float(v) for k, v in m.items()}

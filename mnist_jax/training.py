@@ -1,0 +1,202 @@
+"""Training and evaluation: pure, jit-compiled functions over an explicit train state.
+
+Data flows one way: uint8 arrays are put on the device once; each epoch is ONE
+compiled program (:func:`train_epoch`) that draws a permutation from the state's
+RNG, gathers the shuffled batches on the device and runs every step under
+``lax.scan``. Everything that makes a run differ (init, dropout, shuffling) is
+derived from the state's ``rng`` and ``step``, so
+
+* the same seed gives bitwise the same run,
+* a run resumed from a checkpoint of its state continues exactly, and
+* several runs are one program: ``jax.vmap`` over a stacked state (seeds, lrs).
+
+Sharding over devices is XLA's: params are replicated and the batch axis is
+constrained to the ``data`` axis of a mesh (see :mod:`mnist_jax.parallel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mnist_jax.config import TrainConfig
+
+# fold_in tags that keep the RNG streams of a run apart.
+_INIT, _DROPOUT, _SHUFFLE = 0, 1, 2
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus the run's root RNG key (raw ``uint32[2]``)."""
+
+    rng: jax.Array
+
+
+class EpochMetrics(NamedTuple):
+    """What one compiled epoch returns (per model when vmapped)."""
+
+    loss: jax.Array
+    accuracy: jax.Array
+    first_bad_step: jax.Array  # index of the first step with a non-finite loss, or -1
+
+
+def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7) -> optax.GradientTransformation:
+    """Adam with Keras' defaults; the learning rate is a state hyperparameter so
+    that a vmapped sweep can give every model its own."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=eps)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                       learning_rate: float | None = None, input_shape=(1, 28, 28)) -> TrainState:
+    """A fresh state: params initialised from ``seed``, optimizer state, step 0.
+
+    ``learning_rate`` overrides the one ``tx`` (from :func:`make_optimizer`) was
+    made with; states that share ``tx`` can then be stacked into one sweep.
+    """
+    rng = jax.random.PRNGKey(seed)
+    params = model.init(jax.random.fold_in(rng, _INIT), jnp.zeros(input_shape),
+                        train=False)["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    if learning_rate is not None:
+        state.opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    return state
+
+
+def stack_states(states: list[TrainState]) -> TrainState:
+    """Stack same-structured states along a new leading "model" axis for vmap."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(state: TrainState, i: int) -> TrainState:
+    """Model ``i`` of a stacked state."""
+    return jax.tree.map(lambda x: x[i], state)
+
+
+def _prepare(images: jax.Array) -> jax.Array:
+    """uint8 (B, 28, 28) → float32 in [0, 1]: the tutorial's ``/ 255``."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step on a batch of uint8 images; returns the new state and batch metrics."""
+    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT), state.step)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, _prepare(images), train=True,
+                                rngs={"dropout": dropout_key})
+        loss, correct = _loss_and_accuracy(logits, labels)
+        return loss.mean(), correct.mean()
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+
+
+def epoch_permutation(state: TrainState, num_examples: int, batch_size: int) -> jax.Array:
+    """The (steps, batch_size) example indices of the epoch that ``state`` is at.
+
+    The permutation depends only on the state's rng and its epoch number
+    (``step // steps``), so a resumed run shuffles exactly as an uninterrupted one.
+    The last partial batch is dropped (a new one each epoch), to keep shapes static.
+    """
+    steps = num_examples // batch_size
+    epoch = state.step // steps
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, _SHUFFLE), epoch)
+    return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def run_steps(state: TrainState, batches_x: jax.Array, batches_y: jax.Array,
+              batch_sharding: NamedSharding | None = None) -> tuple[TrainState, EpochMetrics]:
+    """Scan :func:`train_step` over pre-gathered batches ``(steps, B, ...)``."""
+
+    def body(state, batch):
+        x, y = batch
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+            y = jax.lax.with_sharding_constraint(y, batch_sharding)
+        return train_step(state, x, y)
+
+    state, m = jax.lax.scan(body, state, (batches_x, batches_y))
+    finite = jnp.isfinite(m["loss"])
+    first_bad = jnp.where(finite.all(), -1, jnp.argmin(finite)).astype(jnp.int32)
+    return state, EpochMetrics(m["loss"].mean(), m["accuracy"].mean(), first_bad)
+
+
+def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, batch_size: int,
+                batch_sharding: NamedSharding | None = None) -> tuple[TrainState, EpochMetrics]:
+    """One whole epoch as a pure function: shuffle on the device, then scan the steps."""
+    idx = epoch_permutation(state, images.shape[0], batch_size)
+    return run_steps(state, images[idx], labels[idx], batch_sharding)
+
+
+def _pad_to_batches(n: int, batch_size: int) -> tuple[int, int]:
+    steps = -(-n // batch_size)
+    return steps, steps * batch_size - n
+
+
+def _batched_apply(apply_fn: Callable, params: Any, images: jax.Array, batch_size: int,
+                   out_fn: Callable) -> Any:
+    """Apply the model to ``images`` in fixed-size batches under ``lax.map``.
+
+    Pads the tail batch so every batch has the same shape; ``out_fn(logits)`` is
+    applied per batch and the padding is cut off again.
+    """
+    n = images.shape[0]
+    steps, pad = _pad_to_batches(n, batch_size)
+    x = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+    x = x.reshape(steps, batch_size, *images.shape[1:])
+    out = jax.lax.map(lambda b: out_fn(apply_fn({"params": params}, _prepare(b), train=False)), x)
+    return jax.tree.map(lambda o: o.reshape(steps * batch_size, *o.shape[2:])[:n], out)
+
+
+def eval_metrics(state: TrainState, images: jax.Array, labels: jax.Array,
+                 batch_size: int = 1000) -> dict[str, jax.Array]:
+    """Mean cross-entropy loss and accuracy of ``state`` on a whole labelled set."""
+    logits = _batched_apply(state.apply_fn, state.params, images, batch_size, lambda lg: lg)
+    loss, correct = _loss_and_accuracy(logits, labels)
+    return {"loss": loss.mean(), "accuracy": correct.mean()}
+
+
+def predict_probs(state: TrainState, images: jax.Array, batch_size: int = 1000) -> jax.Array:
+    """Softmax class probabilities (N, 10) for uint8 images (N, 28, 28)."""
+    return _batched_apply(state.apply_fn, state.params, images, batch_size,
+                          lambda lg: jax.nn.softmax(lg.astype(jnp.float32), -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFns:
+    """The jit-compiled functions of one run; vmapped when it trains several models."""
+
+    train_epoch: Callable
+    evaluate: Callable
+    predict: Callable
+
+
+def compile_fns(batch_size: int, num_models: int,
+                batch_sharding: NamedSharding | None = None) -> CompiledFns:
+    """jit (and vmap over the model axis when ``num_models > 1``) the pure functions."""
+    epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding)
+    evaluate, predict = eval_metrics, predict_probs
+    if num_models > 1:
+        epoch = jax.vmap(epoch, in_axes=(0, None, None))
+        evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
+        predict = jax.vmap(predict, in_axes=(0, None))
+    return CompiledFns(jax.jit(epoch), jax.jit(evaluate), jax.jit(predict))
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays → numpy / Python floats (one transfer)."""
+    return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))

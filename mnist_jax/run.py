@@ -154,7 +154,7 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     test = to_host(eval_fn(state, *dev.test))
     timings = {"compile_seconds": c_train + c_eval, "train_compile_seconds": c_train,
                "epoch_seconds": epoch_seconds, "data_seconds": dataset.load_seconds,
-               "total_seconds": time.perf_counter() - t_start}
+               "fit_seconds": time.perf_counter() - t_start}
     return FitResult(config, state, history, test, timings, fns, dev)
 
 
@@ -196,3 +196,22 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray,
     m = jax.jit(eval_metrics, static_argnums=3)(state, jnp.asarray(images),
                                                 jnp.asarray(labels, jnp.int32), batch_size)
     return {k: float(v) for k, v in m.items()}
+
+
+def predict_images(state: TrainState, paths: Sequence[str], batch_size: int = 1000
+                   ) -> list[dict[str, Any]]:
+    """Predict digits in image files or folders (PNG, JPEG, BMP, GIF, TIFF, …).
+
+    Each image is made MNIST-like first (:func:`mnist_jax.images.to_mnist`).
+    Returns one ``{"file", "class", "probabilities"}`` dict per readable image;
+    unreadable images inside folders are skipped (named in ``"error"`` entries).
+    """
+    from mnist_jax.images import iter_image_batches
+    out: list[dict[str, Any]] = []
+    for files, batch, errors in iter_image_batches(paths, batch_size=batch_size):
+        out.extend({"file": str(p), "error": msg} for p, msg in errors)
+        if len(files):
+            probs = predict(state, batch, batch_size)
+            out.extend({"file": str(p), "class": int(pr.argmax()), "probabilities": pr.tolist()}
+                       for p, pr in zip(files, probs))
+    return out

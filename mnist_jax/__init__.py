@@ -1,0 +1,38 @@
+"""mnist-jax: the Keras MNIST tutorial (MLP and CNN) as a pure-functional JAX/Flax/Optax
+implementation.
+
+The tutorial's steps map onto this API::
+
+    import mnist_jax as mj
+
+    ds = mj.load_dataset("mnist", "path/to/mnist")        # 60,000 / 10,000 uint8 digits
+    x_train = mj.flatten_and_scale(ds.train_images)       # (60000, 784) in [0, 1]
+    y_train = mj.to_categorical(ds.train_labels)          # one-hot (10 classes)
+    print(mj.summary(mj.MLP()))                           # Dense 784 → Dropout 0.4 → ReLU → Dense 10
+    result = mj.fit(mj.TrainConfig(epochs=100, batch_size=128), ds)   # Adam, cross-entropy
+    state = result.state
+    print(mj.evaluate(state, ds.test_images, ds.test_labels))        # loss, accuracy
+    print(mj.predict_classes(state, ds.test_images)[:30])
+"""
+
+from mnist_jax.config import TrainConfig
+from mnist_jax.data import (Dataset, flatten_and_scale, load_dataset, load_idx_folder, read_idx,
+                            to_categorical, validation_split)
+from mnist_jax.errors import DataError, MnistJaxError, UsageError
+from mnist_jax.images import load_image, to_mnist
+from mnist_jax.models import CNN, MLP, count_params, create_model, summary
+from mnist_jax.run import (FitResult, TrainingDiverged, evaluate, fit, init_state, predict,
+                           predict_classes, predict_images)
+from mnist_jax.training import (TrainState, create_train_state, eval_metrics, make_optimizer,
+                                train_epoch, train_step)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN", "DataError", "Dataset", "FitResult", "MLP", "MnistJaxError", "TrainConfig",
+    "TrainState", "TrainingDiverged", "UsageError", "count_params", "create_model",
+    "create_train_state", "eval_metrics", "evaluate", "fit", "flatten_and_scale", "init_state",
+    "load_dataset", "load_idx_folder", "load_image", "make_optimizer", "predict",
+    "predict_classes", "predict_images", "read_idx", "summary", "to_categorical", "to_mnist",
+    "train_epoch", "train_step", "validation_split",
+]

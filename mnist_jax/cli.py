@@ -1,0 +1,404 @@
+"""The ``mnist-jax`` command line: train, evaluate, predict, summary, report, bench.
+
+Expected failures (bad data, bad flags, refused overwrites) end with one line on
+stderr and exit code 1 (data) or 2 (usage) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Quieten TensorFlow/absl before anything imports them (tfds prepares data with TF).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from mnist_jax.config import MODELS, IMPLS, add_config_flags, config_from_args  # noqa: E402
+from mnist_jax.errors import MnistJaxError, UsageError  # noqa: E402
+
+PROG = "mnist-jax"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+def _check_resume_config(saved, config) -> None:
+    """A resumed run must train the same thing; only the epoch count may grow."""
+    a, b = saved.to_dict(), config.to_dict()
+    ignore = {"epochs", "data_dir", "checkpoint_every", "keep_checkpoints", "devices"}
+    diff = [k for k in a if k not in ignore and a[k] != b[k]]
+    if diff:
+        raise UsageError(f"--resume: the flags differ from the saved run in {', '.join(diff)} "
+                         f"(saved: {', '.join(f'{k}={a[k]}' for k in diff)})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mnist_jax import data as data_lib
+    from mnist_jax import models
+    from mnist_jax.checkpoint import Checkpointer, save_params
+    from mnist_jax.rundir import RunDir
+    from mnist_jax.run import (TrainingDiverged, build_model, device_description, fit,
+                               init_state, summarize_models)
+    from mnist_jax.training import predict_probs, unstack_state
+
+    t_start = time.perf_counter()
+    config = config_from_args(args)
+    out = Path(args.out or f"runs/{config.model}-{config.dataset}")
+    run = RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite)
+    if args.resume and (run.path / "config.json").is_file():
+        _check_resume_config(run.read_config(), config)
+
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    print(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
+          f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
+    print(models.summary(build_model(config)))
+
+    ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
+                         every=config.checkpoint_every) if config.checkpoint_every else None)
+    state, history = None, []
+    if args.resume and ckpt is not None:
+        restored = ckpt.restore(init_state(config))
+        if restored is not None:
+            epoch, state, meta = restored
+            history = list(meta.get("history", []))[:epoch]
+            print(f"resuming from the checkpoint of epoch {epoch}")
+    run.write_config(config)
+    run.write_metrics(history)
+    tb = _tensorboard(run.path / "tb", config)
+
+    rows = list(history)
+    last: dict[str, Any] = {}
+    bar = tqdm(total=config.epochs, initial=len(history), unit="epoch", dynamic_ncols=True,
+               desc="compiling", disable=args.quiet)
+
+    def on_epoch(epoch: int, state, row: dict) -> None:
+        rows.append(row)
+        last.update(epoch=epoch, state=state)
+        if ckpt is not None:
+            ckpt.save(epoch, state, {"epoch": epoch, "history": rows, "config": config.to_dict()})
+        run.append_metrics(row)
+        _log_tensorboard(tb, row, config)
+        bar.set_description("training")
+        bar.set_postfix_str(_row_text(row))
+        bar.update(1)
+
+    base = {"config": config.to_dict(), "device": device_description()}
+    try:
+        result = fit(config, dataset, state=state, history=history, on_epoch=on_epoch)
+    except TrainingDiverged as e:
+        bar.close()
+        run.write_results(dict(base, status="diverged", error=str(e), epoch=e.epoch, step=e.step,
+                               epochs_completed=len(rows)))
+        raise
+    except KeyboardInterrupt:
+        bar.close()
+        if ckpt is not None and last:
+            ckpt.save(last["epoch"], last["state"],
+                      {"epoch": last["epoch"], "history": rows, "config": config.to_dict()},
+                      force=True)
+        run.write_results(dict(base, status="interrupted", epochs_completed=len(rows)))
+        _err(f"interrupted after epoch {len(rows)}; continue with --resume")
+        return 130
+    finally:
+        if tb is not None:
+            tb.close()
+        if ckpt is not None:
+            ckpt.close()
+    bar.close()
+
+    save_params(run.params_path, result.state.params)
+    summary = summarize_models(config, result.test)
+    timings = dict(result.timings, total_seconds=time.perf_counter() - t_start)
+    run.write_results(dict(base, status="completed", **summary, **timings,
+                           epochs_completed=len(result.history)))
+    first = result.state if config.num_models == 1 else unstack_state(result.state, 0)
+    classes = np.asarray(predict_probs(first, result.data.test[0][:30])).argmax(-1)
+    _print_final(config, summary, timings, classes)
+    print(f"run saved in {run.path}")
+    return 0
+
+
+def _row_text(row: dict) -> str:
+    def fmt(v):
+        return f"{np.mean(v):.4f}"
+    parts = [f"loss {fmt(row['train_loss'])}", f"acc {fmt(row['train_accuracy'])}"]
+    if "val_accuracy" in row:
+        parts.append(f"val_acc {fmt(row['val_accuracy'])}")
+    parts.append(f"test_acc {fmt(row['test_accuracy'])}")
+    return ", ".join(parts)
+
+
+def _print_final(config, summary: dict, timings: dict, classes) -> None:
+    if config.num_models == 1:
+        print(f"test loss {summary['test_loss']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+    else:
+        for m in summary["per_model"]:
+            print(f"  seed {m['seed']} lr {m['lr']:g}: test loss {m['test_loss']:.4f}, "
+                  f"test accuracy {m['test_accuracy']:.4f}")
+        print(f"test accuracy {summary['test_accuracy_mean']:.4f} ± "
+              f"{summary['test_accuracy_std']:.4f} over {config.num_models} models")
+    secs = timings["epoch_seconds"]
+    if secs:
+        print(f"compile {timings['compile_seconds']:.1f} s, {len(secs)} epochs in "
+              f"{sum(secs):.1f} s ({sorted(secs)[len(secs) // 2]:.2f} s/epoch median), "
+              f"total {timings['total_seconds']:.1f} s")
+    print("first 30 predicted classes:", " ".join(str(int(c)) for c in classes))
+
+
+def _tensorboard(path: Path, config):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is the record
+        return None
+    return SummaryWriter(str(path))
+
+
+def _log_tensorboard(tb, row: dict, config) -> None:
+    if tb is None:
+        return
+    names = ([""] if config.num_models == 1 else
+             [f"seed{m['seed']}_lr{m['lr']:g}/" for m in config.model_grid()])
+    for key, value in row.items():
+        if key in ("epoch", "models"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        for name, v in zip(names, values):
+            tb.add_scalar(f"{name}{key}", v, row["epoch"])
+    tb.flush()
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate / predict / report: read a finished run
+# ---------------------------------------------------------------------------------------
+def _load_run(run_dir: str):
+    """(run, config, state) of a finished run; state is stacked for several models."""
+    from mnist_jax.checkpoint import load_params
+    from mnist_jax.rundir import RunDir
+    from mnist_jax.run import init_state
+
+    run = RunDir.open(run_dir)
+    config = run.read_config()
+    if not run.params_path.exists():
+        raise UsageError(f"{run.path} has no trained parameters (params.msgpack): "
+                         "the run did not finish; continue it with train --resume")
+    template = init_state(config)
+    params = load_params(run.params_path, template.params)
+    return run, config, template.replace(params=params)
+
+
+def _dataset_for(config, data_dir: str | None):
+    from mnist_jax import data as data_lib
+    return data_lib.load_dataset(config.dataset, data_dir or config.data_dir)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from mnist_jax.training import compile_fns, to_host
+
+    run, config, state = _load_run(args.run_dir)
+    ds = _dataset_for(config, args.data_dir)
+    fns = compile_fns(config.batch_size, config.num_models)
+    m = to_host(fns.evaluate(state, jnp.asarray(ds.test_images),
+                             jnp.asarray(ds.test_labels, jnp.int32)))
+    losses, accs = np.atleast_1d(m["loss"]), np.atleast_1d(m["accuracy"])
+    for grid, loss, acc in zip(config.model_grid(), losses, accs):
+        tag = "" if config.num_models == 1 else f"seed {grid['seed']} lr {grid['lr']:g}: "
+        print(f"{tag}test loss {loss:.4f}, test accuracy {acc:.4f}")
+    if config.num_models > 1:
+        print(f"test accuracy {accs.mean():.4f} ± {accs.std():.4f} over {len(accs)} models")
+    return 0
+
+
+def _first_model(config, state):
+    from mnist_jax.training import unstack_state
+    return state if config.num_models == 1 else unstack_state(state, 0)
+
+
+def _is_idx(path: Path) -> bool:
+    return "idx" in path.name and path.is_file()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mnist_jax import data as data_lib
+    from mnist_jax.run import predict
+
+    run, config, state = _load_run(args.run_dir)
+    state = _first_model(config, state)
+    inputs = [Path(p) for p in args.inputs]
+    if not inputs:
+        images = _dataset_for(config, args.data_dir).test_images
+        return _print_classes(predict(state, images, args.batch_size).argmax(-1), args)
+    if all(_is_idx(p) for p in inputs):
+        images = np.concatenate([data_lib.read_idx(p) for p in inputs])
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise MnistJaxError(f"{inputs[0]}: IDX images must be N×28×28, got "
+                                f"{'×'.join(map(str, images.shape))}")
+        return _print_classes(predict(state, images, args.batch_size).argmax(-1), args)
+    return _predict_images(state, inputs, args)
+
+
+def _print_classes(classes, args) -> int:
+    if args.json:
+        print(json.dumps({"classes": [int(c) for c in classes]}))
+    else:
+        shown = classes[: args.show] if args.show else classes
+        print(" ".join(str(int(c)) for c in shown))
+    return 0
+
+
+def _predict_images(state, inputs: list[Path], args) -> int:
+    from tqdm.auto import tqdm
+
+    from mnist_jax.images import iter_image_batches
+    from mnist_jax.run import predict
+
+    failures = 0
+    bar = tqdm(unit="img", disable=args.quiet or args.json, leave=False, file=sys.stderr)
+    for files, batch, errors in iter_image_batches(inputs, batch_size=args.batch_size):
+        for path, message in errors:
+            failures += 1
+            _err(f"skipped {path}: {message}")
+        if not len(files):
+            continue
+        probs = predict(state, batch, args.batch_size)
+        for path, p in zip(files, probs):
+            top = np.argsort(p)[::-1][:3]
+            if args.json:
+                print(json.dumps({"file": str(path), "class": int(top[0]),
+                                  "top3": [{"class": int(c), "probability": float(p[c])}
+                                           for c in top]}))
+            else:
+                print(f"{path}: {top[0]}  (" + ", ".join(f"{c}: {p[c]:.3f}" for c in top) + ")")
+        bar.update(len(files))
+    bar.close()
+    return 1 if failures else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mnist_jax.report import FASHION_MNIST_CLASSES, write_report
+    from mnist_jax.run import predict
+
+    run, config, state = _load_run(args.run_dir)
+    ds = _dataset_for(config, args.data_dir)
+    probs = predict(_first_model(config, state), ds.test_images)
+    names = FASHION_MNIST_CLASSES if config.dataset == "fashion_mnist" else None
+    path = write_report(run.path, test_images=ds.test_images,
+                        test_labels=np.asarray(ds.test_labels), probs=probs, class_names=names,
+                        out_dir=args.out)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from mnist_jax import models
+    kw: dict[str, Any] = {}
+    if args.model == "mlp":
+        if args.hidden:
+            kw["hidden"] = tuple(args.hidden)
+        if args.dropout is not None:
+            kw["dropout"] = args.dropout
+    else:
+        kw["impl"] = args.impl
+    print(models.summary(models.create_model(args.model, **kw)))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_jax import bench
+    return bench.main(args)
+
+
+# ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="The Keras MNIST tutorial in JAX: train, evaluate, "
+                     "predict, inspect and benchmark MLP and CNN models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model (defaults: the tutorial's MLP recipe)")
+    add_config_flags(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/MODEL-DATASET)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test loss and accuracy of a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predicted classes for the test set, IDX files or images")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="IDX image files, image files or folders (default: the test set)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--show", type=int, default=30,
+                   help="classes shown for the test set / IDX input (0: all; default 30)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("summary", help="layers, output shapes and parameter counts of a model")
+    p.add_argument("--model", choices=MODELS, default="mlp")
+    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")],
+                   help="MLP hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=float, help="MLP dropout rate")
+    p.add_argument("--impl", choices=IMPLS, default="auto", help="CNN layer implementation")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("report", help="learning curves, confusion matrix and worst errors")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for the figures (default: RUN_DIR/report)")
+    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
+    p.set_defaults(func=cmd_report)
+
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mnist-jax`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MnistJaxError as e:
+        _err(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

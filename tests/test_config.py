@@ -1,0 +1,60 @@
+"""TrainConfig: tutorial defaults, validation, and one flag per field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from mnist_jax.config import TrainConfig, add_config_flags, config_from_args
+from mnist_jax.errors import UsageError
+
+
+def parse(*argv: str) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_defaults_are_the_tutorial_recipe():
+    c = TrainConfig()
+    assert (c.model, c.dataset, c.epochs, c.batch_size) == ("mlp", "mnist", 100, 128)
+    assert c.learning_rates == (1e-3,) and c.adam_eps == 1e-7 and c.seeds == (0,)
+    assert parse() == c
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().epochs = 3  # type: ignore[misc]
+
+
+def test_every_field_is_a_flag():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+
+
+def test_lists_of_seeds_and_learning_rates():
+    c = parse("--seeds", "0,1,2", "--lr", "1e-3,3e-4")
+    assert c.seeds == (0, 1, 2) and c.learning_rates == (1e-3, 3e-4)
+    assert c.num_models == 6
+    assert c.model_grid()[:2] == [{"seed": 0, "lr": 1e-3}, {"seed": 0, "lr": 3e-4}]
+    assert parse("--seed", "7").seeds == (7,)
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("epochs", 0, "--epochs"), ("epochs", -3, "--epochs"), ("batch_size", 0, "--batch-size"),
+    ("learning_rates", (float("nan"),), "--lr"), ("learning_rates", (-1.0,), "--lr"),
+    ("model", "resnet", "--model"), ("validation_split", 1.0, "--validation-split"),
+    ("seeds", (1, 1), "--seeds"), ("devices", 0, "--devices"),
+])
+def test_invalid_values_are_usage_errors_naming_the_flag(field, value, flag):
+    with pytest.raises(UsageError, match=flag):
+        dataclasses.replace(TrainConfig(), **{field: value}).validate()
+
+
+def test_round_trip_through_dict():
+    c = TrainConfig(model="cnn", seeds=(1, 2), learning_rates=(1e-3, 1e-4), hidden=(32,))
+    assert TrainConfig.from_dict(c.to_dict()) == c

@@ -1,0 +1,155 @@
+"""The pure training core: steps, compiled epochs, determinism, exact resume, vmap, NaN."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import data as data_lib
+from mnist_jax.config import TrainConfig
+from mnist_jax.models import CNN, MLP
+from mnist_jax.run import TrainingDiverged, fit, init_state
+from mnist_jax.training import (compile_fns, create_train_state, epoch_permutation,
+                                eval_metrics, make_optimizer, stack_states, train_epoch,
+                                train_step, unstack_state)
+
+
+def synthetic(n: int = 512, seed: int = 0) -> data_lib.Dataset:
+    """Learnable toy digits: class k lights up row block k."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
+    return data_lib.Dataset("synthetic", images[: n - 128], labels[: n - 128], images[n - 128:],
+                            labels[n - 128:], source="test")
+
+
+SMALL = TrainConfig(epochs=3, batch_size=32, hidden=(64,), checkpoint_every=0)
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_train_step_is_pure_and_lowers_the_loss():
+    ds = synthetic()
+    state = create_train_state(MLP(hidden=(64,)), make_optimizer(), seed=0)
+    x, y = jnp.asarray(ds.train_images[:64]), jnp.asarray(ds.train_labels[:64])
+    step = jax.jit(train_step)
+    s1, m1 = step(state, x, y)
+    s1b, m1b = step(state, x, y)
+    assert leaves_equal(s1, s1b) and float(m1["loss"]) == float(m1b["loss"])
+    assert int(state.step) == 0 and int(s1.step) == 1  # the input state is untouched
+    s = s1
+    for _ in range(20):
+        s, m = step(s, x, y)
+    assert float(m["loss"]) < 0.5 * float(m1["loss"])
+
+
+def test_epoch_visits_each_example_at_most_once_and_reshuffles():
+    state = create_train_state(MLP(hidden=(8,)), make_optimizer(), seed=0)
+    perm = np.asarray(epoch_permutation(state, 100, 32))
+    assert perm.shape == (3, 32) and len(set(perm.ravel())) == 96
+    later = state.replace(step=state.step + 3)  # one epoch later
+    assert not np.array_equal(perm, np.asarray(epoch_permutation(later, 100, 32)))
+
+
+def test_same_seed_gives_bitwise_identical_runs():
+    ds = synthetic()
+    a, b = fit(SMALL, ds), fit(SMALL, ds)
+    assert leaves_equal(a.state.params, b.state.params)
+    assert a.history == [dict(r, epoch_seconds=r2["epoch_seconds"]) for r, r2 in
+                         zip(b.history, a.history)]
+    c = fit(dataclasses.replace(SMALL, seeds=(1,)), ds)
+    assert not leaves_equal(a.state.params, c.state.params)
+
+
+def test_resuming_from_a_state_continues_exactly():
+    ds = synthetic()
+    full = fit(SMALL, ds)
+    part = fit(dataclasses.replace(SMALL, epochs=2), ds)
+    resumed = fit(SMALL, ds, state=part.state, history=part.history)
+    assert leaves_equal(full.state, resumed.state)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_vmapped_seeds_match_separate_runs():
+    ds = synthetic()
+    many = fit(dataclasses.replace(SMALL, seeds=(0, 1)), ds)
+    for i, seed in enumerate((0, 1)):
+        one = fit(dataclasses.replace(SMALL, seeds=(seed,)), ds)
+        for x, y in zip(jax.tree.leaves(unstack_state(many.state, i).params),
+                        jax.tree.leaves(one.state.params)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert len(many.history[-1]["test_accuracy"]) == 2
+
+
+def test_learning_rate_sweep_gives_each_model_its_rate():
+    ds = synthetic()
+    model, tx = MLP(hidden=(16,)), make_optimizer()
+    states = stack_states([create_train_state(model, tx, 0, lr) for lr in (1e-3, 0.0)])
+    fns = compile_fns(32, 2)
+    new, _ = fns.train_epoch(states, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
+    moved = [not leaves_equal(unstack_state(new, i).params, unstack_state(states, i).params)
+             for i in range(2)]
+    assert moved == [True, False]
+
+
+class _NaNAfterStart(nn.Module):
+    """A model whose output is NaN: the loss is non-finite at the first step."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        w = self.param("w", nn.initializers.zeros, (784, 10))
+        return x.reshape(x.shape[0], -1) @ w + jnp.nan
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(monkeypatch):
+    import mnist_jax.run as run_mod
+    monkeypatch.setattr(run_mod, "build_model", lambda config: _NaNAfterStart())
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 0") as e:
+        fit(SMALL, synthetic())
+    assert int(e.value.state.step) == 0
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(e.value.state.params))
+
+
+def test_eval_metrics_counts_every_example_with_padding():
+    ds = synthetic()
+    state = create_train_state(MLP(hidden=(16,)), make_optimizer(), 0)
+    x, y = jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)
+    full = jax.jit(eval_metrics, static_argnums=3)(state, x, y, 128)
+    odd = jax.jit(eval_metrics, static_argnums=3)(state, x, y, 50)  # 128 = 2·50 + 28 padded
+    np.testing.assert_allclose(full["loss"], odd["loss"], rtol=1e-5)
+    assert float(full["accuracy"]) == float(odd["accuracy"])
+
+
+@pytest.mark.realdata
+def test_one_epoch_of_the_tutorial_mlp_reaches_95_percent(mnist):
+    result = fit(TrainConfig(epochs=1, checkpoint_every=0), mnist)
+    print("MLP 1 epoch test accuracy", result.test["accuracy"])
+    assert result.test["accuracy"] >= 0.95
+
+
+@pytest.mark.realdata
+def test_the_cnn_learns_on_a_real_subset(mnist):
+    subset = dataclasses.replace(mnist, train_images=mnist.train_images[:3000],
+                                 train_labels=mnist.train_labels[:3000],
+                                 test_images=mnist.test_images[:2000],
+                                 test_labels=mnist.test_labels[:2000])
+    result = fit(TrainConfig(model="cnn", epochs=2, checkpoint_every=0), subset)
+    print("CNN on 3000 images, 2 epochs, test accuracy", result.test["accuracy"])
+    assert result.test["accuracy"] >= 0.85
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_init_state_stacks_one_state_per_seed_and_rate():
+    state = init_state(TrainConfig(seeds=(0, 1, 2), learning_rates=(1e-3, 1e-4), hidden=(8,)))
+    assert state.step.shape == (6,)
+    lrs = np.asarray(state.opt_state.hyperparams["learning_rate"])
+    np.testing.assert_allclose(lrs, [1e-3, 1e-4] * 3, rtol=1e-6)

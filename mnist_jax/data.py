@@ -171,6 +171,7 @@ def load_tfds(
         import tensorflow_datasets as tfds
 
         checksum_error = tfds.download.download_manager.NonMatchingChecksumError
+        tfds.disable_progress_bar()  # one line of ours says what is loaded; theirs floods logs
         config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         splits = tfds.load(
             name,

@@ -374,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
     p.set_defaults(func=cmd_report)
 
+    from mnist_jax.bench import add_arguments as add_bench_arguments
+    p = sub.add_parser("bench", help="benchmark MLP and CNN training against Keras 3 and PyTorch "
+                       "and the matmul ceiling; writes benchmarks/results/DEVICE.{json,md}")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
     return parser
 
 

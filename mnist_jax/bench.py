@@ -1,0 +1,826 @@
+"""``mnist-jax bench``: how fast this project trains MNIST, next to Keras 3 and PyTorch
+and next to what the hardware can do -- all measured in one run on one machine.
+
+For the tutorial MLP (784-784-10, dropout 0.4) and the default CNN, both with Adam
+(lr 1e-3, eps 1e-7), batch 128, float32 and the real MNIST data (uint8 -> /255):
+
+* **this project**: compile seconds, seconds per epoch (median over several epochs
+  after a warm-up epoch), images/s, achieved GFLOP/s and its fraction of the
+  matmul ceiling, evaluation time of the 10,000 test images;
+* **Keras 3 (JAX backend, ``model.fit``)** and **PyTorch eager** -- each in its own
+  subprocess (Keras' backend is fixed at import, and neither shares jit caches
+  or thread pools with us).  A peer that is not installed is reported as
+  "missing", not as a failure.  The CNN peers take ~1-2 min per epoch on a small
+  CPU, so they time a fixed number of steps per epoch and scale to a full epoch
+  (the results say so);
+* **the hardware ceiling**: a large square ``jnp`` matmul under ``jit``, fp32 and bf16;
+* **time to 99 % test accuracy** for the CNN from a cold process (interpreter
+  start, data loading and compilation included);
+* **bf16 vs fp32** step time and the accuracy of a short bf16 run, plus whether
+  the CPU has AMX (bf16 matrix units) at all.
+
+FLOPs are counted from the layer shapes (:func:`mnist_jax.models.flops_per_example`):
+2 x multiply-adds of every Dense/Conv layer, forward + weight gradient + input
+gradient (no input gradient for the first layer); biases, activations, pooling,
+dropout, loss and Adam are not counted (< 1 %).  Achieved GFLOP/s = training
+FLOPs per image x images per second.
+
+Results: a table on stdout, ``<out>/<device>.json`` and ``<out>/<device>.md``
+(``<device>-quick.*`` for ``--quick``).  Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+BATCH_SIZE = 128
+LEARNING_RATE = 1e-3
+ADAM_EPS = 1e-7
+MODELS = ("mlp", "cnn")
+PEERS = ("keras", "torch")
+PEER_TITLES = {"ours": "mnist-jax", "keras": "Keras 3 (JAX backend)", "torch": "PyTorch eager"}
+# Importable module of each peer; a peer whose module is not installed is "missing".
+PEER_MODULES = {"keras": "keras", "torch": "torch"}
+RESULT_PREFIX = "MNIST_JAX_BENCH_RESULT "
+TTA_TARGET = 0.99
+
+# Targets of issue #3 on the 2-core CPU it was written for.
+TARGETS = {
+    "mlp_epoch_over_keras": 0.6,       # our MLP epoch <= 0.6 x Keras-3-JAX's
+    "mlp_achieved_over_ceiling": 0.7,  # >= 70 % of the fp32 matmul ceiling
+    "cnn_epoch_over_keras": 0.15,      # our CNN epoch <= 0.15 x Keras-3-JAX's
+    "eval_seconds": 0.2,               # 10k test images in <= 0.2 s
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes of a run
+# ---------------------------------------------------------------------------------------
+def plan(quick: bool) -> dict[str, Any]:
+    """How much of everything to measure: full, or CI-sized with ``--quick``."""
+    if quick:
+        return {
+            "train_images": {"mlp": 6400, "cnn": 1280},   # 50 / 10 steps per epoch
+            "epochs": {"mlp": 3, "cnn": 2},               # first one is the warm-up
+            "peer_epochs": {"mlp": 2, "cnn": 2},
+            "peer_steps": {"mlp": 20, "cnn": 3},          # per "epoch", scaled up
+            "bf16_steps": {"mlp": 20, "cnn": 3},
+            "bf16_train_images": {"mlp": 6400, "cnn": 640},
+            "ceiling_n": 1024, "reps": 3,
+            "tta": {"model": "cnn", "max_epochs": 1, "train_images": 1280},
+        }
+    return {
+        "train_images": {"mlp": None, "cnn": None},       # all 60,000
+        "epochs": {"mlp": 6, "cnn": 3},
+        "peer_epochs": {"mlp": 4, "cnn": 3},
+        "peer_steps": {"mlp": None, "cnn": 40},           # MLP peers: whole epochs
+        "bf16_steps": {"mlp": 100, "cnn": 20},
+        "bf16_train_images": {"mlp": None, "cnn": None},
+        "ceiling_n": 2048, "reps": 10,
+        "tta": {"model": "cnn", "max_epochs": 10, "train_images": None},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers (tested without timing anything)
+# ---------------------------------------------------------------------------------------
+def median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def measured_epochs(epoch_seconds: Sequence[float], warmup: int = 1) -> list[float]:
+    """The epochs that count: all after the first ``warmup`` (all if there are too few)."""
+    return list(epoch_seconds[warmup:]) if len(epoch_seconds) > warmup else list(epoch_seconds)
+
+
+def training_flops(model_name: str, **model_kwargs: Any) -> dict[str, int]:
+    """Matmul FLOPs per image of ``model_name`` (forward and one training step)."""
+    from mnist_jax import models
+    return models.flops_per_example(models.create_model(model_name, **model_kwargs))
+
+
+def achieved_gflops(train_flops_per_image: float, images_per_second: float) -> float:
+    return train_flops_per_image * images_per_second / 1e9
+
+
+def safe_ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def missing(reason: str) -> dict[str, Any]:
+    return {"status": "missing", "reason": reason}
+
+
+def peer_available(peer: str) -> bool:
+    """Whether the peer's framework can be imported (without importing it)."""
+    module = PEER_MODULES[peer]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def device_slug(platform_name: str, kind: str, count: int, cores: int | None = None) -> str:
+    """File-name-safe device name: ``cpu-AMD-EPYC-2core`` or ``gpu-NVIDIA-H100-x8``."""
+    if platform_name == "cpu":
+        return f"cpu-{_slug(kind)}-{cores or os.cpu_count()}core"
+    return f"{platform_name}-{_slug(kind)}" + (f"-x{count}" if count > 1 else "")
+
+
+def amx_report(flags: set[str]) -> dict[str, Any]:
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    bf16 = sorted(f for f in flags if "bf16" in f)
+    if amx:
+        note = f"AMX present ({', '.join(amx)}): bf16 matmuls can use the AMX tiles."
+    else:
+        note = ("no AMX on this CPU (no amx_* flags in /proc/cpuinfo): bf16 mixed precision "
+                "cannot reach AMX here" + (f"; it has {', '.join(bf16)} (bf16 dot products "
+                                           "on AVX-512 vectors)" if bf16 else "") + ".")
+    return {"amx_flags": amx, "bf16_flags": bf16, "note": note}
+
+
+def target_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of issue #3: its value in these results and whether it is met."""
+    models = results.get("models", {})
+
+    def ratio(model: str, key: str) -> float | None:
+        return models.get(model, {}).get("ratios", {}).get(key)
+
+    def check(value, limit, at_most=True):
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        return {"value": value, "target": limit, "at_most": at_most, "met": met}
+
+    out = {
+        "mlp_epoch_over_keras": check(ratio("mlp", "ours_over_keras"),
+                                      TARGETS["mlp_epoch_over_keras"]),
+        "mlp_achieved_over_ceiling": check(ratio("mlp", "achieved_over_ceiling"),
+                                           TARGETS["mlp_achieved_over_ceiling"], at_most=False),
+        "cnn_epoch_over_keras": check(ratio("cnn", "ours_over_keras"),
+                                      TARGETS["cnn_epoch_over_keras"]),
+    }
+    if "mlp" in models:  # the CNN's 10k forward passes alone take longer: see eval_floor
+        out["mlp_eval_seconds"] = check(models["mlp"].get("ours", {}).get("eval_seconds"),
+                                        TARGETS["eval_seconds"])
+    return out
+
+
+def eval_floor_seconds(forward_flops_per_image: float, images: int, ceiling_gflops: float | None
+                       ) -> float | None:
+    """The least time evaluating ``images`` can take at the matmul ceiling."""
+    return None if not ceiling_gflops else forward_flops_per_image * images / (ceiling_gflops * 1e9)
+
+
+def compute_ratios(entry: dict[str, Any], ceiling_gflops: float | None) -> dict[str, Any]:
+    """ours/peer time per image (= per epoch of the same data) and achieved/ceiling."""
+    ours = entry.get("ours", {})
+
+    def per_image(r):
+        if r.get("status") != "ok" or not r.get("epoch_seconds_median"):
+            return None
+        return r["epoch_seconds_median"] / r["images_per_epoch"]
+
+    mine = per_image(ours)
+    out = {f"ours_over_{p}": safe_ratio(mine, per_image(entry.get(p, {}))) for p in PEERS}
+    out["achieved_over_ceiling"] = safe_ratio(ours.get("gflops"), ceiling_gflops)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------
+def _fmt(v: Any, spec: str = ".3g", suffix: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:{spec}}{suffix}"
+    return f"{v}{suffix}"
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per (model, implementation)."""
+    rows = [["model", "implementation", "compile s", "s/epoch", "images/s", "GFLOP/s",
+             "of ceiling", "eval 10k s", "ours / this", "how measured"]]
+    for name, entry in results.get("models", {}).items():
+        ratios = entry.get("ratios", {})
+        for who in ("ours", *PEERS):
+            r = entry.get(who)
+            if r is None:
+                continue
+            title = PEER_TITLES[who]
+            if r.get("status") != "ok":
+                why = r.get("reason") or r.get("error") or ""
+                rows.append([name, title, "-", r.get("status", "?"), "-", "-", "-", "-", "-",
+                             why[:60]])
+                continue
+            rows.append([
+                name, title, _fmt(r.get("compile_seconds"), ".2f"),
+                _fmt(r.get("epoch_seconds_median"), ".3f"), _fmt(r.get("images_per_second"), ",.0f"),
+                _fmt(r.get("gflops"), ".0f"),
+                _fmt(None if who != "ours" else ratios.get("achieved_over_ceiling"), ".0%"),
+                _fmt(r.get("eval_seconds"), ".3f"),
+                "1" if who == "ours" else _fmt(ratios.get(f"ours_over_{who}"), ".2f", "x"),
+                r.get("measured", ""),
+            ])
+    return rows
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The plain-text table printed at the end of a run."""
+    rows = table_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [_header_line(results)]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += _notes(results)
+    return "\n".join(lines)
+
+
+def _header_line(results: dict[str, Any]) -> str:
+    info = results.get("device_info", {})
+    c = results.get("ceiling", {})
+    return (f"MNIST training benchmark on {results.get('device', '?')}"
+            f"{' (quick)' if results.get('quick') else ''}: jax {info.get('jax', '?')}, "
+            f"{info.get('cores', '?')} cores; matmul ceiling fp32 "
+            f"{_fmt(c.get('fp32_gflops'), '.0f')} GFLOP/s, bf16 {_fmt(c.get('bf16_gflops'), '.0f')}"
+            f" GFLOP/s; load average {info.get('load_start', '?')} -> {info.get('load_end', '?')}")
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    lines = []
+    tta = results.get("time_to_accuracy")
+    if tta:
+        if tta.get("status") == "ok":
+            got = "reached" if tta.get("reached") else "NOT reached"
+            lines.append(f"time to {tta['target']:.1%} test accuracy ({tta['model']}, cold process): "
+                         f"{got} after {tta.get('epochs')} epochs, {_fmt(tta.get('seconds'), '.1f')} s "
+                         f"(accuracy per epoch: {', '.join(f'{a:.4f}' for a in tta.get('accuracy', []))})")
+        else:
+            lines.append(f"time to accuracy: {tta.get('status')} {tta.get('reason') or tta.get('error') or ''}")
+    for name, entry in results.get("models", {}).items():
+        ours = entry.get("ours", {})
+        if ours.get("eval_floor_seconds") is not None and ours.get("eval_seconds") is not None:
+            lines.append(f"{name} evaluation of {ours.get('eval_images')} test images: "
+                         f"{ours['eval_seconds']:.3f} s; its forward FLOPs alone need >= "
+                         f"{ours['eval_floor_seconds']:.3f} s at the fp32 matmul ceiling")
+        b = entry.get("bf16")
+        if b and b.get("status") == "ok":
+            lines.append(f"{name} bf16 vs fp32: {b['step_ms_bf16']:.2f} vs {b['step_ms_fp32']:.2f} ms/step "
+                         f"({b['bf16_over_fp32']:.2f}x the time); short bf16 run: test accuracy "
+                         f"{_fmt(b.get('test_accuracy_bf16'), '.4f')} (fp32: "
+                         f"{_fmt(b.get('test_accuracy_fp32'), '.4f')}) after {b.get('epochs')} epoch(s)"
+                         f" on {b.get('train_images')} images")
+    amx = results.get("device_info", {}).get("amx")
+    if amx:
+        lines.append(amx["note"])
+    for key, t in results.get("targets", {}).items():
+        state = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        op = "<=" if t["at_most"] else ">="
+        lines.append(f"target {key} {op} {t['target']}: {_fmt(t['value'], '.3f')} ({state})")
+    return lines
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """The Markdown report (``<device>.md``), linked from the README."""
+    rows = table_rows(results)
+    out = [f"# MNIST training benchmark: {results.get('device', '?')}"
+           f"{' (quick smoke run)' if results.get('quick') else ''}", "",
+           _header_line(results) + ".", "",
+           f"Measured {results.get('date', '?')} with `mnist-jax bench"
+           f"{' --quick' if results.get('quick') else ''}`. Batch 128, Adam (lr 1e-3, eps 1e-7), "
+           "float32, real MNIST (uint8 / 255) unless noted; every implementation trains the same "
+           "model. Seconds per epoch are medians over the epochs after a warm-up epoch.", "",
+           "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows[1:]]
+    out += ["", "Notes:", ""]
+    out += [f"- {line}" for line in _notes(results)]
+    out += [f"- {line}" for line in results.get("method", [])]
+    if results.get("device_info", {}).get("busy"):
+        out.append("- The CPU was shared with other work during this run (see the load "
+                   "average): absolute times are noisy; ratios measured close together in time "
+                   "are more reliable.")
+    return "\n".join(out) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``<device>[-quick].json`` and ``.md`` atomically; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = results["device"] + ("-quick" if results.get("quick") else "")
+    paths = out / f"{stem}.json", out / f"{stem}.md"
+    for path, text in zip(paths, (json.dumps(results, indent=2, default=float) + "\n",
+                                  format_markdown(results))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Data (the same for every implementation)
+# ---------------------------------------------------------------------------------------
+def load_data(data_dir: str | None, synthetic: bool):
+    """Real MNIST (uint8), or a deterministic synthetic stand-in for smoke runs."""
+    from mnist_jax import data as data_lib
+    if not synthetic:
+        return data_lib.load_dataset("mnist", data_dir)
+    import numpy as np
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
+        return images, labels
+
+    (tx, ty), (vx, vy) = split(60000), split(10000)
+    return data_lib.Dataset("synthetic", tx, ty, vx, vy, source="synthetic")
+
+
+def _subset(ds, n: int | None):
+    import dataclasses
+    if n is None or n >= len(ds.train_labels):
+        return ds
+    return dataclasses.replace(ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n])
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements in this process
+# ---------------------------------------------------------------------------------------
+def _timed(fn: Callable, *args, reps: int) -> list[float]:
+    import jax
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def matmul_ceiling(n: int, reps: int) -> dict[str, Any]:
+    """GFLOP/s of an n x n x n matmul under jit (median), fp32 and bf16, plus the
+    MLP's own 128x784x784 matmul for reference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    out: dict[str, Any] = {"n": n, "reps": reps}
+    mm = jax.jit(lambda a, b: a @ b)
+    a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
+    for dtype in ("fp32", "bf16"):
+        x = a if dtype == "fp32" else a.astype(jnp.bfloat16)
+        times = _timed(mm, x, x, reps=reps)
+        out[f"{dtype}_gflops"] = 2 * n ** 3 / median(times) / 1e9
+        out[f"{dtype}_gflops_best"] = 2 * n ** 3 / min(times) / 1e9
+    x, w = a[:128, :784] if n >= 784 else jnp.ones((128, 784)), jnp.ones((784, 784), jnp.float32)
+    times = _timed(mm, x, w, reps=max(reps * 10, 30))
+    out["mlp_shape_fp32_gflops"] = 2 * 128 * 784 * 784 / median(times) / 1e9
+    return out
+
+
+def measure_ours(model_name: str, ds, epochs: int, reps: int) -> dict[str, Any]:
+    """Train ``epochs`` epochs with :func:`mnist_jax.fit`; time epochs and evaluation."""
+    import jax
+    from mnist_jax.config import TrainConfig
+    from mnist_jax.run import fit
+
+    config = TrainConfig(model=model_name, epochs=epochs, batch_size=BATCH_SIZE,
+                         learning_rates=(LEARNING_RATE,), adam_eps=ADAM_EPS, checkpoint_every=0)
+    result = fit(config, ds)
+    secs = measured_epochs(result.timings["epoch_seconds"])
+    steps = len(ds.train_labels) // BATCH_SIZE
+    images = steps * BATCH_SIZE
+    epoch_s = median(secs)
+    flops = training_flops(model_name)
+    eval_fn = result.fns.evaluate.lower(result.state, *result.data.test).compile()
+    eval_times = _timed(eval_fn, result.state, *result.data.test, reps=reps)
+    return {
+        "status": "ok", "compile_seconds": result.timings["train_compile_seconds"],
+        "eval_compile_seconds": result.timings["compile_seconds"] - result.timings["train_compile_seconds"],
+        "epoch_seconds": result.timings["epoch_seconds"], "epoch_seconds_median": epoch_s,
+        "steps_per_epoch": steps, "images_per_epoch": images,
+        "images_per_second": images / epoch_s, "gflops": achieved_gflops(flops["train"], images / epoch_s),
+        "eval_seconds": median(eval_times), "eval_images": int(result.data.test[0].shape[0]),
+        "test_accuracy_per_epoch": [r["test_accuracy"] for r in result.history],
+        "impl": getattr(jax.devices()[0], "platform", "?"),
+        "measured": f"{len(secs)} epochs after 1 warm-up, {images} images each",
+    }
+
+
+def measure_bf16(model_name: str, ds, steps: int, train_images: int | None, reps: int,
+                 fp32_accuracy: float | None) -> dict[str, Any]:
+    """fp32 vs bf16 time per step (same process, interleaved) and a 1-epoch bf16 run."""
+    import jax
+    import jax.numpy as jnp
+    from mnist_jax.config import TrainConfig
+    from mnist_jax.run import build_model, fit
+    from mnist_jax.training import create_train_state, make_optimizer, run_steps
+
+    x = jnp.asarray(ds.train_images[: steps * BATCH_SIZE]).reshape(steps, BATCH_SIZE, 28, 28)
+    y = jnp.asarray(ds.train_labels[: steps * BATCH_SIZE].astype("int32")).reshape(steps, BATCH_SIZE)
+    fns, states = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = TrainConfig(model=model_name, dtype=dtype)
+        states[dtype] = create_train_state(build_model(config), make_optimizer(LEARNING_RATE, ADAM_EPS), 0)
+        fns[dtype] = jax.jit(run_steps).lower(states[dtype], x, y).compile()
+        jax.block_until_ready(fns[dtype](states[dtype], x, y))
+    times: dict[str, list[float]] = {d: [] for d in fns}
+    for _ in range(max(reps // 3, 2)):
+        for d in fns:
+            times[d] += _timed(fns[d], states[d], x, y, reps=1)
+    fp32_ms, bf16_ms = (median(times[d]) / steps * 1e3 for d in ("float32", "bfloat16"))
+    sub = _subset(ds, train_images)
+    run = fit(TrainConfig(model=model_name, dtype="bfloat16", epochs=1, checkpoint_every=0), sub)
+    return {"status": "ok", "step_ms_fp32": fp32_ms, "step_ms_bf16": bf16_ms,
+            "bf16_over_fp32": bf16_ms / fp32_ms, "steps_timed": steps,
+            "test_accuracy_bf16": run.test["accuracy"], "test_accuracy_fp32": fp32_accuracy,
+            "epochs": 1, "train_images": len(sub.train_labels)}
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses: peers and the cold-start time to accuracy
+# ---------------------------------------------------------------------------------------
+def run_child(task: dict[str, Any], timeout: float, env: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """Run ``python -m mnist_jax.bench --child TASK`` and return the result it prints."""
+    cmd = [sys.executable, "-m", "mnist_jax.bench", "--child", json.dumps(task)]
+    full_env = dict(os.environ, **(env or {}))
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": f"no result within {timeout:.0f} s"}
+    found = [line[len(RESULT_PREFIX):] for line in proc.stdout.splitlines()
+             if line.startswith(RESULT_PREFIX)]
+    if not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"status": "error", "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    result = json.loads(found[-1])
+    result["process_started"] = started
+    return result
+
+
+def run_peer(peer: str, model_name: str, *, epochs: int, steps: int | None, data_dir: str | None,
+             synthetic: bool, timeout: float) -> dict[str, Any]:
+    """Time ``peer`` training ``model_name`` in a subprocess; "missing" if not installed."""
+    if not peer_available(peer):
+        return missing(f"{PEER_MODULES[peer]} is not installed")
+    task = {"kind": peer, "model": model_name, "epochs": epochs, "steps": steps,
+            "data_dir": data_dir, "synthetic": synthetic}
+    env = {"KERAS_BACKEND": "jax"} if peer == "keras" else None
+    return run_child(task, timeout, env)
+
+
+def run_time_to_accuracy(model_name: str, target: float, max_epochs: int, train_images: int | None,
+                         data_dir: str | None, synthetic: bool, timeout: float) -> dict[str, Any]:
+    task = {"kind": "tta", "model": model_name, "target": target, "max_epochs": max_epochs,
+            "train_images": train_images, "data_dir": data_dir, "synthetic": synthetic}
+    r = run_child(task, timeout)
+    if r.get("status") == "ok":
+        # From the moment the cold process was started to the epoch reaching the target.
+        r["seconds"] = r.pop("finished_at") - r["process_started"]
+    return r
+
+
+def _child_main(task: dict[str, Any]) -> dict[str, Any]:
+    ds = load_data(task.get("data_dir"), task.get("synthetic", False))
+    if task["kind"] == "tta":
+        return _child_tta(task, ds)
+    if task["kind"] == "keras":
+        return _child_keras(task, ds)
+    if task["kind"] == "torch":
+        return _child_torch(task, ds)
+    raise ValueError(f"unknown child task {task['kind']!r}")
+
+
+def _child_tta(task: dict[str, Any], ds) -> dict[str, Any]:
+    from mnist_jax.config import TrainConfig
+    from mnist_jax.run import fit
+
+    class Reached(Exception):
+        pass
+
+    accuracy: list[float] = []
+
+    def on_epoch(epoch, state, row):
+        accuracy.append(float(row["test_accuracy"]))
+        if accuracy[-1] >= task["target"]:
+            raise Reached
+
+    config = TrainConfig(model=task["model"], epochs=task["max_epochs"], checkpoint_every=0)
+    reached = True
+    try:
+        fit(config, _subset(ds, task.get("train_images")), on_epoch=on_epoch)
+        reached = False
+    except Reached:
+        pass
+    return {"status": "ok", "model": task["model"], "target": task["target"], "reached": reached,
+            "epochs": len(accuracy), "accuracy": accuracy, "finished_at": time.time(),
+            "train_images": len(_subset(ds, task.get("train_images")).train_labels)}
+
+
+def _peer_summary(epoch_seconds: list[float], steps: int, full_steps: int, images: int,
+                  scaled: bool, eval_seconds: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """A peer's result; ``images`` is what one full epoch of it processes."""
+    secs = measured_epochs(epoch_seconds)
+    per = median(secs)
+    epoch_s = per * full_steps / steps if scaled else per
+    how = (f"{len(secs)} x {steps} steps after a warm-up, scaled to {full_steps} steps"
+           if scaled else f"{len(secs)} epochs after 1 warm-up")
+    return dict({"status": "ok", "epoch_seconds_median": epoch_s, "raw_epoch_seconds": epoch_seconds,
+                 "steps_timed": steps, "scaled_to_full_epoch": scaled, "images_per_epoch": images,
+                 "images_per_second": images / epoch_s, "eval_seconds": eval_seconds,
+                 "measured": how}, **extra)
+
+
+def _child_keras(task: dict[str, Any], ds) -> dict[str, Any]:
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras
+    import numpy as np
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    cnn = task["model"] == "cnn"
+    shape = (28, 28, 1) if cnn else (784,)
+    x = (ds.train_images.astype(np.float32) / 255.0).reshape(-1, *shape)
+    y = ds.train_labels.astype(np.int32)
+    xt = (ds.test_images.astype(np.float32) / 255.0).reshape(-1, *shape)
+    yt = ds.test_labels.astype(np.int32)
+    if cnn:
+        model = keras.Sequential([
+            keras.Input(shape), layers.Conv2D(32, 3, activation="relu"),
+            layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2), layers.Dropout(0.25),
+            layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax")])
+    else:
+        model = keras.Sequential([
+            keras.Input(shape), layers.Dense(784), layers.Dropout(0.4), layers.Activation("relu"),
+            layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE, epsilon=ADAM_EPS),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    full_steps, full_images = math.ceil(len(x) / BATCH_SIZE), len(x)
+    steps = task.get("steps")
+    scaled = bool(steps) and steps < full_steps
+    if scaled:
+        x, y = x[: steps * BATCH_SIZE], y[: steps * BATCH_SIZE]
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=task["epochs"], shuffle=True, verbose=0,
+              callbacks=[Timer()])
+    eval_times = []
+    for _ in range(3 if not cnn else 2):
+        t = time.perf_counter()
+        _, acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
+        eval_times.append(time.perf_counter() - t)
+    return _peer_summary(times, steps if scaled else full_steps, full_steps, full_images, scaled,
+                         median(eval_times[1:]),
+                         {"first_epoch_seconds": times[0],
+                          "keras": keras.__version__, "backend": keras.backend.backend(),
+                          "test_accuracy": float(acc),
+                          "eval_note": "model.evaluate, batch 1000, median after a warm-up call"})
+
+
+def _child_torch(task: dict[str, Any], ds) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    cnn = task["model"] == "cnn"
+    shape = (1, 28, 28) if cnn else (784,)
+    x = torch.from_numpy(ds.train_images.astype(np.float32) / 255.0).reshape(-1, *shape)
+    y = torch.from_numpy(ds.train_labels.astype(np.int64))
+    xt = torch.from_numpy(ds.test_images.astype(np.float32) / 255.0).reshape(-1, *shape)
+    yt = torch.from_numpy(ds.test_labels.astype(np.int64))
+    if cnn:
+        model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+                              nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+    else:
+        model = nn.Sequential(nn.Linear(784, 784), nn.Dropout(0.4), nn.ReLU(), nn.Linear(784, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, eps=ADAM_EPS)
+    loss_fn = nn.CrossEntropyLoss()
+    full_steps = len(x) // BATCH_SIZE  # drop the last partial batch, as mnist-jax does
+    steps = min(task.get("steps") or full_steps, full_steps)
+    times = []
+    for _ in range(task["epochs"]):
+        t = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(steps):
+            idx = perm[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t)
+    model.eval()
+    eval_times = []
+    for _ in range(3 if not cnn else 2):
+        t = time.perf_counter()
+        with torch.no_grad():
+            correct = sum(int((model(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum())
+                          for i in range(0, len(xt), 1000))
+        eval_times.append(time.perf_counter() - t)
+    return _peer_summary(times, steps, full_steps, full_steps * BATCH_SIZE, steps < full_steps,
+                         median(eval_times[1:]),
+                         {"first_epoch_seconds": times[0],
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "test_accuracy": correct / len(xt),
+                          "eval_note": "no_grad forward, batch 1000, median after a warm-up pass"})
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``mnist-jax bench`` flags (also used by ``benchmarks/run_benchmarks.py``)."""
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized smoke run: small subsets, few steps (writes <device>-quick.*)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated models to benchmark (default: mlp,cnn)")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help="comma-separated peers: keras,torch (default both; 'none' for none)")
+    p.add_argument("--no-tta", action="store_true", help="skip the time-to-99%% run")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 comparison")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for <device>.json and <device>.md (default: benchmarks/results)")
+    p.add_argument("--data-dir", help="folder with the MNIST archives (default: $MNIST_JAX_DATA_DIR)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="synthetic digits instead of MNIST (smoke tests without the data)")
+    p.add_argument("--peer-timeout", type=float, default=1800.0,
+                   help="seconds before a peer or the time-to-accuracy run is abandoned")
+
+
+def _parse_list(text: str, allowed: Sequence[str], flag: str) -> list[str]:
+    from mnist_jax.errors import UsageError
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if items == ["none"]:
+        return []
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise UsageError(f"invalid {flag} {','.join(bad)!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    import jax
+
+    models_ = _parse_list(args.models, MODELS, "--models")
+    peers = _parse_list(args.peers, PEERS, "--peers")
+    p = plan(args.quick)
+    flags = cpu_flags()
+    dev = jax.devices()[0]
+    cores = os.cpu_count()
+    kind = cpu_model() if dev.platform == "cpu" else getattr(dev, "device_kind", str(dev))
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    results: dict[str, Any] = {
+        "device": device_slug(dev.platform, kind, jax.device_count(), cores),
+        "quick": bool(args.quick), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "device_info": {"platform": dev.platform, "kind": kind, "devices": jax.device_count(),
+                        "cores": cores, "python": platform.python_version(), "jax": jax.__version__,
+                        "machine": platform.machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                        "load_start": load_start, "amx": amx_report(flags) if dev.platform == "cpu" else None},
+        "settings": {"batch_size": BATCH_SIZE, "optimizer": f"Adam(lr={LEARNING_RATE}, eps={ADAM_EPS})",
+                     "dtype": "float32", "data": "synthetic" if args.synthetic else "MNIST (uint8 / 255)"},
+        "method": [
+            "FLOPs: 2 x multiply-adds of every Dense/Conv layer from its shapes; a training step "
+            "counts forward + weight gradient + input gradient (none for the first layer); "
+            "biases, activations, pooling, dropout, loss and Adam are not counted (< 1 %). "
+            "GFLOP/s = training FLOPs per image x images/s.",
+            "Ceiling: median GFLOP/s of a jit-compiled n x n x n jnp matmul on the same device.",
+            "mnist-jax epochs drop the last partial batch (468 x 128 images); Keras runs 469 "
+            "steps (60,000 images): the ratios compare time per image.",
+            "Peers run in their own subprocesses (Keras with KERAS_BACKEND=jax and model.fit; "
+            "PyTorch eager with torch.set_num_threads(cores)); CNN peers time a fixed number of "
+            "steps per epoch, scaled to a full epoch.",
+            "Evaluation: the 10,000 test images, compiled, median of repeated calls.",
+        ],
+        "models": {},
+    }
+    ds = load_data(args.data_dir, args.synthetic)
+    results["settings"]["train_images"] = len(ds.train_labels)
+
+    _log("matmul ceiling")
+    results["ceiling"] = matmul_ceiling(p["ceiling_n"], p["reps"])
+    ceiling = results["ceiling"]["fp32_gflops"]
+
+    for name in models_:
+        entry: dict[str, Any] = {"flops_per_image": training_flops(name)}
+        results["models"][name] = entry
+        _log(f"{name}: mnist-jax")
+        entry["ours"] = measure_ours(name, _subset(ds, p["train_images"][name]), p["epochs"][name],
+                                     p["reps"])
+        for peer in peers:
+            _log(f"{name}: {peer}")
+            entry[peer] = run_peer(peer, name, epochs=p["peer_epochs"][name],
+                                   steps=p["peer_steps"][name],
+                                   data_dir=args.data_dir, synthetic=args.synthetic,
+                                   timeout=args.peer_timeout)
+        for peer in PEERS:
+            entry.setdefault(peer, {"status": "skipped", "reason": "not requested (--peers)"})
+        entry["ratios"] = compute_ratios(entry, ceiling)
+        entry["ours"]["eval_floor_seconds"] = eval_floor_seconds(
+            entry["flops_per_image"]["forward"], entry["ours"]["eval_images"], ceiling)
+        if not args.no_bf16:
+            _log(f"{name}: bf16 vs fp32")
+            acc = entry["ours"]["test_accuracy_per_epoch"]
+            try:
+                entry["bf16"] = measure_bf16(name, ds, p["bf16_steps"][name],
+                                             p["bf16_train_images"][name], p["reps"],
+                                             acc[0] if acc and not args.quick else None)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                entry["bf16"] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
+
+    if not args.no_tta:
+        t = p["tta"]
+        _log(f"time to {TTA_TARGET:.0%} ({t['model']}, cold process)")
+        results["time_to_accuracy"] = run_time_to_accuracy(
+            t["model"], TTA_TARGET, t["max_epochs"], t["train_images"], args.data_dir,
+            args.synthetic, args.peer_timeout)
+        results["time_to_accuracy"].setdefault("model", t["model"])
+        results["time_to_accuracy"].setdefault("target", TTA_TARGET)
+
+    results["device_info"]["load_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    busy = [v for v in (load_start, results["device_info"]["load_end"]) if v is not None]
+    results["device_info"]["busy"] = bool(busy) and max(busy) > 1.25 * (cores or 1)
+    results["targets"] = target_checks(results)
+    print(format_table(results))
+    json_path, md_path = write_results(results, args.out)
+    print(f"results written to {json_path} and {md_path}")
+    return 0
+
+
+def _main_child(argv: Sequence[str]) -> int:
+    """``python -m mnist_jax.bench --child TASK_JSON``: one peer/TTA measurement."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    task = json.loads(argv[1])
+    try:
+        result = _child_main(task)
+    except ImportError as e:
+        result = missing(f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+    print(RESULT_PREFIX + json.dumps(result, default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        sys.exit(_main_child(sys.argv[1:]))
+    parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,113 @@
+"""The benchmark's pure parts: FLOP counts, ratios, targets, tables, missing peers.
+
+Nothing here times anything or asserts on time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from mnist_jax import bench
+from mnist_jax.dropout import hash_keep_mask
+
+
+def test_training_flops_of_the_tutorial_mlp():
+    f = bench.training_flops("mlp")
+    assert f["forward"] == 2 * (784 * 784 + 784 * 10)
+    # first layer: forward + weight gradient; second: + input gradient
+    assert f["train"] == 4 * 784 * 784 + 6 * 784 * 10
+    cnn = bench.training_flops("cnn")
+    assert cnn["train"] > 2 * cnn["forward"] > 0
+    assert bench.achieved_gflops(f["train"], 1e5) == f["train"] * 1e5 / 1e9
+
+
+def test_device_slug_and_amx_report():
+    assert bench.device_slug("cpu", "AMD EPYC", 1, cores=2) == "cpu-AMD-EPYC-2core"
+    assert bench.device_slug("gpu", "NVIDIA H100 80GB HBM3", 8) == "gpu-NVIDIA-H100-80GB-HBM3-x8"
+    assert "no AMX" in bench.amx_report({"avx512f", "avx512_bf16"})["note"]
+    assert bench.amx_report({"amx_tile", "amx_bf16"})["amx_flags"] == ["amx_bf16", "amx_tile"]
+
+
+def test_missing_peer_is_reported_as_missing(monkeypatch):
+    monkeypatch.setitem(bench.PEER_MODULES, "torch", "no_such_module_mnist_jax_test")
+    assert not bench.peer_available("torch")
+    r = bench.run_peer("torch", "mlp", epochs=2, steps=3, data_dir=None, synthetic=True, timeout=5)
+    assert r["status"] == "missing" and "not installed" in r["reason"]
+
+
+def _fake_results(tmp_quick=True) -> dict:
+    ours = {"status": "ok", "compile_seconds": 1.0, "epoch_seconds": [1.0, 0.5, 0.5],
+            "epoch_seconds_median": 0.5, "images_per_epoch": 59904, "images_per_second": 119808.0,
+            "gflops": 300.0, "eval_seconds": 0.05, "eval_images": 10000, "measured": "2 epochs"}
+    keras = {"status": "ok", "epoch_seconds_median": 1.0, "images_per_epoch": 60000,
+             "images_per_second": 60000.0, "eval_seconds": 0.1, "measured": "3 epochs"}
+    entry = {"flops_per_image": bench.training_flops("mlp"), "ours": ours, "keras": keras,
+             "torch": bench.missing("torch is not installed")}
+    entry["ratios"] = bench.compute_ratios(entry, 400.0)
+    results = {"device": "cpu-Test-CPU-2core", "quick": tmp_quick, "date": "today",
+               "device_info": {"jax": jax.__version__, "cores": 2,
+                               "amx": bench.amx_report(set())},
+               "ceiling": {"fp32_gflops": 400.0, "bf16_gflops": 200.0},
+               "models": {"mlp": entry}, "method": ["FLOPs counted from shapes."]}
+    results["targets"] = bench.target_checks(results)
+    return results
+
+
+def test_ratios_and_targets():
+    r = _fake_results()
+    ratios = r["models"]["mlp"]["ratios"]
+    np.testing.assert_allclose(ratios["ours_over_keras"], (0.5 / 59904) / (1.0 / 60000))
+    assert ratios["ours_over_torch"] is None
+    assert ratios["achieved_over_ceiling"] == 0.75
+    t = r["targets"]
+    assert t["mlp_epoch_over_keras"]["met"] is True
+    assert t["mlp_achieved_over_ceiling"]["met"] is True
+    assert t["cnn_epoch_over_keras"]["met"] is None  # not measured
+    assert t["mlp_eval_seconds"]["met"] is True
+    assert bench.eval_floor_seconds(2e9, 10, 400.0) == 0.05
+
+
+def test_table_and_result_files(tmp_path):
+    r = _fake_results()
+    text = bench.format_table(r)
+    assert "mnist-jax" in text and "Keras 3" in text and "missing" in text
+    assert "0.50x" in text and "75%" in text
+    json_path, md_path = bench.write_results(r, tmp_path)
+    assert json_path.name == "cpu-Test-CPU-2core-quick.json"
+    assert json.loads(json_path.read_text())["models"]["mlp"]["torch"]["status"] == "missing"
+    md = md_path.read_text()
+    assert md.startswith("# MNIST training benchmark") and "| mlp | mnist-jax |" in md
+    assert "no AMX" in md
+    full = dict(r, quick=False)
+    assert bench.write_results(full, tmp_path)[0].name == "cpu-Test-CPU-2core.json"
+
+
+def test_parse_lists_and_plan():
+    import pytest
+
+    from mnist_jax.errors import UsageError
+    assert bench._parse_list("keras, torch", bench.PEERS, "--peers") == ["keras", "torch"]
+    assert bench._parse_list("none", bench.PEERS, "--peers") == []
+    with pytest.raises(UsageError, match="--peers"):
+        bench._parse_list("tensorflow", bench.PEERS, "--peers")
+    assert bench.plan(True)["train_images"]["mlp"] < 60000
+    assert bench.measured_epochs([3.0, 1.0, 2.0]) == [1.0, 2.0]
+    assert bench.measured_epochs([3.0]) == [3.0]
+
+
+def test_cli_has_a_bench_command():
+    from mnist_jax.cli import build_parser
+    args = build_parser().parse_args(["bench", "--quick", "--peers", "none"])
+    assert args.quick and args.peers == "none" and args.func.__name__ == "cmd_bench"
+
+
+def test_hashed_dropout_mask_keeps_the_right_fraction_and_is_deterministic():
+    key = jax.random.PRNGKey(3)
+    m = np.asarray(hash_keep_mask(key, 0.6, (256, 784)))
+    assert abs(m.mean() - 0.6) < 0.01
+    assert np.array_equal(m, np.asarray(hash_keep_mask(key, 0.6, (256, 784))))
+    assert not np.array_equal(m, np.asarray(hash_keep_mask(jax.random.fold_in(key, 1), 0.6,
+                                                           (256, 784))))

@@ -61,9 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mnist_jax.training import predict_probs, unstack_state
 
     t_start = time.perf_counter()
+    multi = _init_distributed(args)  # before any other use of JAX
+    import jax
+    primary = not multi or parallel_is_primary()
     config = config_from_args(args)
     out = Path(args.out or f"runs/{config.model}-{config.dataset}")
-    run = RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite)
+    run = (RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite) if primary
+           else _follower_run(out))  # only process 0 writes the run folder
     if args.resume and (run.path / "config.json").is_file():
         _check_resume_config(run.read_config(), config)
 
@@ -72,8 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
     print(models.summary(build_model(config)))
 
+    ckpt_ok = primary and (not multi or getattr(Checkpointer, "supports_multiprocess", False))
+    if multi and primary and config.checkpoint_every and not ckpt_ok:
+        # orbax would wait at a barrier for processes that never save (see docs/distributed.md)
+        _err("warning: this Checkpointer cannot save from process 0 alone in a multi-process "
+             "run; no checkpoints are written")
     ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
-                         every=config.checkpoint_every) if config.checkpoint_every else None)
+                         every=config.checkpoint_every)
+            if config.checkpoint_every and ckpt_ok else None)
     state, history = None, []
     if args.resume and ckpt is not None:
         restored = ckpt.restore(init_state(config))
@@ -81,20 +91,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             epoch, state, meta = restored
             history = list(meta.get("history", []))[:epoch]
             print(f"resuming from the checkpoint of epoch {epoch}")
+    if multi and args.resume:  # process 0's restored (or fresh) state, on every process
+        from jax.experimental import multihost_utils
+        state = multihost_utils.broadcast_one_to_all(state if state is not None
+                                                     else init_state(config))
     run.write_config(config)
     run.write_metrics(history)
-    tb = _tensorboard(run.path / "tb", config)
+    tb = _tensorboard(run.path / "tb", config) if primary else None
 
     rows = list(history)
     last: dict[str, Any] = {}
     bar = tqdm(total=config.epochs, initial=len(history), unit="epoch", dynamic_ncols=True,
-               desc="compiling", disable=args.quiet)
+               desc="compiling", disable=args.quiet or not primary)
 
     def on_epoch(epoch: int, state, row: dict) -> None:
         rows.append(row)
         last.update(epoch=epoch, state=state)
         if ckpt is not None:
-            ckpt.save(epoch, state, {"epoch": epoch, "history": rows, "config": config.to_dict()})
+            saved = jax.device_get(state) if multi else state  # host copy: process 0 alone writes
+            ckpt.save(epoch, saved, {"epoch": epoch, "history": rows, "config": config.to_dict()})
         run.append_metrics(row)
         _log_tensorboard(tb, row, config)
         bar.set_description("training")
@@ -102,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.update(1)
 
     base = {"config": config.to_dict(), "device": device_description()}
+    lost = None
     try:
         result = fit(config, dataset, state=state, history=history, on_epoch=on_epoch)
     except TrainingDiverged as e:
@@ -118,14 +134,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         run.write_results(dict(base, status="interrupted", epochs_completed=len(rows)))
         _err(f"interrupted after epoch {len(rows)}; continue with --resume")
         return 130
+    except Exception as e:  # noqa: BLE001 - in a multi-process run: a peer died
+        if not multi or isinstance(e, MnistJaxError):
+            raise
+        bar.close()
+        lost = e
+        run.write_results(dict(base, status="failed", error=f"lost another process: {e}"[:500],
+                               epochs_completed=len(rows)))
     finally:
         if tb is not None:
             tb.close()
         if ckpt is not None:
             ckpt.close()
+    if lost is not None:
+        _exit_lost_process(lost, len(rows))
     bar.close()
 
-    save_params(run.params_path, result.state.params)
+    if primary:
+        save_params(run.params_path, result.state.params)
     summary = summarize_models(config, result.test)
     timings = dict(result.timings, total_seconds=time.perf_counter() - t_start)
     run.write_results(dict(base, status="completed", **summary, **timings,
@@ -135,6 +161,67 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print_final(config, summary, timings, classes)
     print(f"run saved in {run.path}")
     return 0
+
+
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Join a multi-process run if the flags (or JAX_* variables) ask; True if joined."""
+    env = os.environ.get
+    coordinator = args.coordinator or env("JAX_COORDINATOR_ADDRESS")
+    num = args.num_processes if args.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else _env_int("JAX_PROCESS_ID")
+    if not (args.distributed or coordinator or num is not None):
+        return False
+    if not args.distributed and None in (coordinator, num, pid):
+        raise UsageError("a multi-process run needs --coordinator, --num-processes and "
+                         "--process-id (or --distributed where JAX detects them)")
+    from mnist_jax import parallel
+    parallel.initialize_distributed(coordinator, num, pid, heartbeat_timeout=args.heartbeat_timeout,
+                                    initialization_timeout=args.init_timeout)
+    import jax
+    return jax.process_count() > 1
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"invalid ${name} {value!r}: expected an integer") from None
+
+
+def parallel_is_primary() -> bool:
+    from mnist_jax.parallel import is_primary
+    return is_primary()
+
+
+def _follower_run(path: Path):
+    """The run folder as processes other than 0 see it: readable, never written."""
+    from mnist_jax.rundir import RunDir
+
+    class FollowerRun(RunDir):
+        def _skip(self, *args: Any, **kwargs: Any) -> None:
+            return None
+        write_config = write_metrics = append_metrics = write_results = _skip
+
+    return FollowerRun(path)
+
+
+def _exit_lost_process(exc: BaseException, epochs_done: int) -> None:
+    """A collective failed because another process died: say so and exit at once.
+
+    ``os._exit`` skips JAX's shutdown barrier, which would otherwise wait for the
+    dead process until the heartbeat timeout and then abort.
+    """
+    import jax
+    detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    _err(f"error: process {jax.process_index()} lost contact with the other processes after "
+         f"{epochs_done} complete epoch(s) ({detail[:300]}); the last complete checkpoint is "
+         "kept, continue with --resume")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _row_text(row: dict) -> str:
@@ -341,6 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR from its newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several processes (hosts); see docs/distributed.md")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=_positive_int, metavar="N",
+                   help="number of processes (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run with the settings JAX detects "
+                        "(Cloud TPU, Slurm, Open MPI)")
+    g.add_argument("--heartbeat-timeout", type=_positive_int, default=60, metavar="SECONDS",
+                   help="a process silent this long counts as dead and the run fails (default 60)")
+    g.add_argument("--init-timeout", type=_positive_int, default=300, metavar="SECONDS",
+                   help="how long to wait for all processes to join (default 300)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of a trained run")

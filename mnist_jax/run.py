@@ -87,7 +87,10 @@ def put_data(dataset: data_lib.Dataset, config: TrainConfig, mesh) -> DeviceData
         raise UsageError(f"invalid --batch-size {config.batch_size}: larger than the "
                          f"{len(tx)} training examples")
     put = lambda *a: tuple(parallel.replicate(np.asarray(x), mesh) for x in a)
-    return DeviceData(train=put(tx, ty.astype(np.int32)),
+    # Several processes: each feeds its own part of every batch from the host copy.
+    train = ((tx, ty.astype(np.int32)) if jax.process_count() > 1
+             else put(tx, ty.astype(np.int32)))
+    return DeviceData(train=train,
                       test=put(dataset.test_images, dataset.test_labels.astype(np.int32)),
                       val=put(vx, vy.astype(np.int32)) if len(vx) else None)
 
@@ -122,7 +125,11 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     state = parallel.replicate(state, mesh)
     fns = compile_fns(config.batch_size, config.num_models,
                       parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)
-    epoch_fn, c_train = _timed_compile(fns.train_epoch, state, *dev.train)
+    if jax.process_count() > 1:  # same program, batches assembled from every process
+        epoch_fn = parallel.ProcessLocalEpoch(mesh, config.batch_size, config.num_models)
+        c_train = epoch_fn.compile(state, *dev.train)
+    else:
+        epoch_fn, c_train = _timed_compile(fns.train_epoch, state, *dev.train)
     eval_fn, c_eval = _timed_compile(fns.evaluate, state, *dev.test)
     val_fn = _timed_compile(fns.evaluate, state, *dev.val)[0] if dev.val else None
 
@@ -144,6 +151,9 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
             row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
         te = to_host(eval_fn(state, *dev.test))
         row.update(test_loss=te["loss"], test_accuracy=te["accuracy"], epoch_seconds=seconds)
+        parallel.assert_same_on_all_processes(
+            {k: np.asarray(v, np.float64) for k, v in row.items() if "loss" in k or "acc" in k},
+            f"epoch {epoch} metrics")
         if config.num_models > 1:
             row["models"] = config.model_grid()
         history.append(row)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mnist_jax import models
     from mnist_jax.checkpoint import Checkpointer, save_params
     from mnist_jax.rundir import RunDir
-    from mnist_jax.run import (TrainingDiverged, build_model, device_description, fit,
-                               init_state, summarize_models)
+    from mnist_jax.run import (TrainingDiverged, build_model, check_training_fits,
+                               device_description, fit, init_state, summarize_models)
     from mnist_jax.training import predict_probs, unstack_state
 
     t_start = time.perf_counter()
@@ -66,15 +67,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     primary = not multi or parallel_is_primary()
     config = config_from_args(args)
     out = Path(args.out or f"runs/{config.model}-{config.dataset}")
-    run = (RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite) if primary
-           else _follower_run(out))  # only process 0 writes the run folder
-    if args.resume and (run.path / "config.json").is_file():
-        _check_resume_config(run.read_config(), config)
+    if primary:  # refusals first: nothing is loaded, written or deleted before them
+        RunDir.check_for_training(out, resume=args.resume, overwrite=args.overwrite)
+        if args.resume and (out / "config.json").is_file():
+            _check_resume_config(RunDir(out).read_config(), config)
 
     dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     print(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
           f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
     print(models.summary(build_model(config)))
+    fresh = init_state(config)
+    # Batch size vs data and devices, memory: still before the run folder is touched
+    # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs.
+    fits = check_training_fits(config, dataset, fresh)
+    run = (RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite) if primary
+           else _follower_run(out))  # only process 0 writes the run folder
 
     ckpt_ok = primary and (not multi or getattr(Checkpointer, "supports_multiprocess", False))
     if multi and primary and config.checkpoint_every and not ckpt_ok:
@@ -84,9 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
                          every=config.checkpoint_every)
             if config.checkpoint_every and ckpt_ok else None)
-    state, history = None, []
+    state, history = fresh, []
     if args.resume and ckpt is not None:
-        restored = ckpt.restore(init_state(config))
+        import jax
+        import jax.numpy as jnp
+        # Every leaf an array (a fresh state's step is the Python int 0, which would be
+        # restored as int64 and fail the checkpoint's checksum of the saved int32 step).
+        restored = ckpt.restore(jax.tree.map(jnp.asarray, fresh))
         if restored is not None:
             epoch, state, meta = restored
             history = list(meta.get("history", []))[:epoch]
@@ -115,11 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_description("training")
         bar.set_postfix_str(_row_text(row))
         bar.update(1)
+        if stop.requested:  # Ctrl-C: this epoch is saved, stop here
+            raise KeyboardInterrupt
 
-    base = {"config": config.to_dict(), "device": device_description()}
+    base = {"config": config.to_dict(), "device": device_description(),
+            "memory": {k: fits[k] for k in ("needed_bytes", "available_bytes", "memory_source")}}
     lost = None
+    stop = _GracefulStop()
     try:
-        result = fit(config, dataset, state=state, history=history, on_epoch=on_epoch)
+        with stop:
+            result = fit(config, dataset, state=state, history=history, on_epoch=on_epoch)
     except TrainingDiverged as e:
         bar.close()
         run.write_results(dict(base, status="diverged", error=str(e), epoch=e.epoch, step=e.step,
@@ -127,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     except KeyboardInterrupt:
         bar.close()
-        if ckpt is not None and last:
+        if ckpt is not None and last and ckpt.latest() != last["epoch"]:
             ckpt.save(last["epoch"], last["state"],
                       {"epoch": last["epoch"], "history": rows, "config": config.to_dict()},
                       force=True)
@@ -154,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_params(run.params_path, result.state.params)
     summary = summarize_models(config, result.test)
     timings = dict(result.timings, total_seconds=time.perf_counter() - t_start)
+    for key in ("compile_seconds", "train_compile_seconds"):  # compiled in check_training_fits
+        timings[key] += fits["compile_seconds"]
     run.write_results(dict(base, status="completed", **summary, **timings,
                            epochs_completed=len(result.history)))
     first = result.state if config.num_models == 1 else unstack_state(result.state, 0)
@@ -224,6 +242,38 @@ def _exit_lost_process(exc: BaseException, epochs_done: int) -> None:
     os._exit(1)
 
 
+class _GracefulStop:
+    """While training, the first SIGINT (Ctrl-C) asks to stop once the epoch in progress is
+    complete and saved (``requested``); a second one interrupts at once.
+
+    A KeyboardInterrupt raised in the middle of a checkpoint save or a metrics write would
+    leave them half done; the compiled epoch cannot be interrupted anyway (the signal waits
+    until it returns), so waiting for its end costs nothing.
+    """
+
+    requested = False
+
+    def __enter__(self) -> "_GracefulStop":
+        import signal
+        import threading
+        self._previous = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _err("stopping after the epoch in progress is saved (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            import signal
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _row_text(row: dict) -> str:
     def fmt(v):
         return f"{np.mean(v):.4f}"
@@ -287,7 +337,11 @@ def _load_run(run_dir: str):
     if not run.params_path.exists():
         raise UsageError(f"{run.path} has no trained parameters (params.msgpack): "
                          "the run did not finish; continue it with train --resume")
-    template = init_state(config)
+    # The state's structure without running the initialisers (eagerly they take seconds);
+    # evaluate/predict/report use only its params and apply_fn.
+    import jax
+    shapes = jax.eval_shape(lambda: init_state(config))
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     params = load_params(run.params_path, template.params)
     return run, config, template.replace(params=params)
 
@@ -385,6 +439,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mnist_jax.report import FASHION_MNIST_CLASSES, write_report
     from mnist_jax.run import predict
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"invalid --out {args.out!r}: it is a file, not a folder")
     run, config, state = _load_run(args.run_dir)
     ds = _dataset_for(config, args.data_dir)
     probs = predict(_first_model(config, state), ds.test_images)
@@ -454,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="IDX image files, image files or folders (default: the test set)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--show", type=int, default=30,
+    p.add_argument("--show", type=_non_negative_int, default=30,
                    help="classes shown for the test set / IDX input (0: all; default 30)")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
@@ -494,14 +550,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f"warning: {' '.join(str(message).split())}")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mnist-jax`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # a warning is one line too, not "file:line: …"
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except MnistJaxError as e:
         _err(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return e.exit_code
+    except OSError as e:  # the machine, not the input: disk full, read-only, vanished
+        _err(f"error: {' '.join(str(e).split()) or type(e).__name__}")
+        return 1
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

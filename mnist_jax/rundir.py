@@ -85,15 +85,8 @@ class RunDir:
     def for_training(cls, path: str | Path, *, resume: bool = False,
                      overwrite: bool = False) -> "RunDir":
         """Prepare ``path`` for a new run (or a resumed one), refusing to clobber a run."""
-        run = cls(path)
+        run = cls.check_for_training(path, resume=resume, overwrite=overwrite)
         p = run.path
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"invalid --out {str(p)!r}: it is a file, not a folder")
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
-        if run.holds_run() and not (resume or overwrite):
-            raise UsageError(f"{p} already holds a run: pass --resume to continue it or "
-                             "--overwrite to replace it")
         try:
             p.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-")
@@ -108,6 +101,23 @@ class RunDir:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        return run
+
+    @classmethod
+    def check_for_training(cls, path: str | Path, *, resume: bool = False,
+                           overwrite: bool = False) -> "RunDir":
+        """The refusals of :meth:`for_training`, without touching the disk (call it first)."""
+        run = cls(path)
+        p = run.path
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"invalid --out {str(p)!r}: it is a file, not a folder")
+        if any(a.exists() and not a.is_dir() for a in p.parents):
+            raise UsageError(f"invalid --out {str(p)!r}: a parent of it is a file")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if run.holds_run() and not (resume or overwrite):
+            raise UsageError(f"{p} already holds a run: pass --resume to continue it or "
+                             "--overwrite to replace it")
         return run
 
     @classmethod
@@ -140,8 +150,11 @@ class RunDir:
     def read_config(self) -> TrainConfig:
         path = self.path / "config.json"
         try:
-            return TrainConfig.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+            return TrainConfig.from_dict(saved)
+        except (OSError, ValueError, TypeError, UsageError) as e:  # UsageError: a bad value
             raise DataError(f"{path}: cannot read the run's config ({e})") from None
 
     def read_results(self) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ derived from the state's ``rng`` and ``step``, so
 
 * the same seed gives bitwise the same run,
 * a run resumed from a checkpoint of its state continues exactly, and
-* several runs are one program: ``jax.vmap`` over a stacked state (seeds, lrs).
+* several runs are one program over a stacked state (seeds, lrs): ``jax.vmap``, or
+  on CPU ``lax.map`` (see :func:`default_model_axis`).
 
 Sharding over devices is XLA's: params are replicated and the batch axis is
 constrained to the ``data`` axis of a mesh (see :mod:`mnist_jax.parallel`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -65,6 +67,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
     params = model.init(jax.random.fold_in(rng, _INIT), jnp.zeros(input_shape),
                         train=False)["params"]
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    # Flax starts ``step`` as the Python int 0; make it the int32 array that every later
+    # state holds, so that a fresh state is a faithful restore template (a Python int
+    # would come back from a checkpoint as int64 and fail its checksum).
+    state = state.replace(step=jnp.zeros((), jnp.int32))
     if learning_rate is not None:
         state.opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return state
@@ -185,15 +191,54 @@ class CompiledFns:
     predict: Callable
 
 
+MODEL_AXIS_ENV = "MNIST_JAX_MODEL_AXIS"
+"""Overrides :func:`default_model_axis` ("vmap" or "map"), e.g. for benchmarks."""
+
+
+def default_model_axis(platform: str | None = None) -> str:
+    """How several models (seeds × lrs) share ONE compiled program on ``platform``.
+
+    * ``"vmap"``: batched over the model axis; every op works on all models at
+      once (batched matmuls). Best on GPUs/TPUs, where one model leaves the chip idle.
+    * ``"map"``: ``lax.map`` over the model axis; inside the program the models
+      run one after another with exactly the kernels of a single model. On CPU
+      XLA's batched matmuls (the MLP's dense layers under vmap) cost more per
+      model than the plain ones, and the vmapped epoch gathers and transposes
+      every model's shuffled dataset at once, so "map" is the CPU default (see
+      ``benchmarks/seeds_vmap.py``). It also makes model *i* of a sweep bitwise
+      equal to a run with that seed/lr alone.
+
+    ``$MNIST_JAX_MODEL_AXIS`` overrides the choice.
+    """
+    env = os.environ.get(MODEL_AXIS_ENV, "").strip().lower()
+    if env:
+        if env not in ("vmap", "map"):
+            raise ValueError(f"invalid ${MODEL_AXIS_ENV} {env!r}: choose vmap or map")
+        return env
+    return "map" if (platform or jax.default_backend()) == "cpu" else "vmap"
+
+
+def _over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
+    """``fn(state, *shared)`` → the same over a stacked state (leading model axis)."""
+    if model_axis == "vmap":
+        return jax.vmap(fn, in_axes=(0,) + (None,) * n_shared)
+    if model_axis == "map":
+        return lambda state, *shared: jax.lax.map(lambda s: fn(s, *shared), state)
+    raise ValueError(f"model_axis must be 'vmap' or 'map', got {model_axis!r}")
+
+
 def compile_fns(batch_size: int, num_models: int,
-                batch_sharding: NamedSharding | None = None) -> CompiledFns:
-    """jit (and vmap over the model axis when ``num_models > 1``) the pure functions."""
+                batch_sharding: NamedSharding | None = None,
+                model_axis: str | None = None) -> CompiledFns:
+    """jit the pure functions; over the model axis when ``num_models > 1``, as
+    ``model_axis`` says (default: :func:`default_model_axis`)."""
     epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding)
     evaluate, predict = eval_metrics, predict_probs
     if num_models > 1:
-        epoch = jax.vmap(epoch, in_axes=(0, None, None))
-        evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
-        predict = jax.vmap(predict, in_axes=(0, None))
+        axis = model_axis or default_model_axis()
+        epoch = _over_models(epoch, 2, axis)
+        evaluate = _over_models(evaluate, 2, axis)
+        predict = _over_models(predict, 1, axis)
     return CompiledFns(jax.jit(epoch), jax.jit(evaluate), jax.jit(predict))
 
 

@@ -153,7 +153,13 @@ class Checkpointer:
     ``every``: ``save`` writes only epochs divisible by it (unless ``force``).
     Saving is synchronous: when ``save`` returns, the checkpoint is committed
     and fsync'ed. Use as a context manager or call ``close``.
+
+    In a multi-process run only process 0 makes a Checkpointer and saves host
+    copies of the (replicated) state: orbax is told that process 0 is the only
+    active process, so it waits at no barrier for the others.
     """
+
+    supports_multiprocess = True
 
     def __init__(self, directory: str | Path, *, keep: int = 3, every: int = 1) -> None:
         if keep < 1:
@@ -164,11 +170,17 @@ class Checkpointer:
         self.keep = keep
         self.every = every
         self._known_good: set[int] = set()  # epochs this instance saved or restored
+        multi = jax.process_count() > 1
+        if multi:
+            self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,  # orbax default is async
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             step_prefix=_STEP_PREFIX,
-            create=True,
+            create=not multi,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=jax.process_index(), active_processes={jax.process_index()})
+            if multi else ocp.options.MultiprocessingOptions(),
             # Not at construction: a reader must never delete a live writer's
             # temporary directory. ``save`` cleans up instead.
             cleanup_tmp_directories=False,

@@ -175,3 +175,7 @@ def test_a_killed_process_makes_the_other_fail_quickly(tmp_path):
         else None
     if results is not None:
         assert results["status"] == "failed"
+    # the last complete checkpoint (process 0 writes them alone) survives the crash
+    from mnist_jax.checkpoint import Checkpointer
+    with Checkpointer(run / "checkpoints") as ckpt:
+        assert ckpt.latest() is not None and ckpt.latest() >= 1

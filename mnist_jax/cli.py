@@ -7,7 +7,9 @@ stderr and exit code 1 (data) or 2 (usage) — never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -567,6 +569,12 @@ def _non_negative_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mnist-jax`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    previous_hook, previous_excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = _quiet_unraisable(previous_hook)
+    sys.excepthook = _quiet_excepthook(previous_excepthook)  # tensorstore callbacks: PyErr_Print
+    asyncio_log = logging.getLogger("asyncio")  # orbax's abandoned reads, see _quiet_unraisable
+    previous_level = asyncio_log.level
+    asyncio_log.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():  # a warning is one line too, not "file:line: …"
             warnings.showwarning = _show_warning
@@ -580,6 +588,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        gc.collect()  # abandoned tasks report when collected: now, while quietened
+        sys.unraisablehook, sys.excepthook = previous_hook, previous_excepthook
+        asyncio_log.setLevel(previous_level)
+
+
+def _loop_closed(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_excepthook(previous):
+    def hook(exc_type, exc, tb) -> None:
+        if not _loop_closed(exc):
+            previous(exc_type, exc, tb)
+    return hook
+
+
+def _quiet_unraisable(previous):
+    """An unraisable-exception hook that drops orbax's "Event loop is closed": tensorstore
+    reads abandoned by a failed checkpoint restore complete after orbax closed its event
+    loop, and their callbacks would print a traceback under the one-line error (their
+    siblings' "Task exception was never retrieved" go to the quietened asyncio logger)."""
+    def hook(unraisable) -> None:
+        if not _loop_closed(unraisable.exc_value):
+            previous(unraisable)
+    return hook
 
 
 if __name__ == "__main__":

@@ -97,12 +97,13 @@ def test_divergence_after_good_epochs_keeps_their_checkpoints_and_resume_continu
 def test_ctrl_c_stops_cleanly_after_saving_and_resume_continues(data, tmp_path, capfd):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The CLI as in a terminal; a shell without job control (CI) may have started us with
+    # SIGINT ignored, which the child would inherit: give it Python's Ctrl-C handler.
+    cli_main = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "from mnist_jax.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.cli", *map(str, train_argv(data, run, "--epochs",
-                                                                      "100000"))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-        # a shell without job control starts background jobs with SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        [sys.executable, "-c", cli_main, *map(str, train_argv(data, run, "--epochs", "100000"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:

@@ -41,10 +41,11 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from mnist_jax.atomic import write_atomic
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -350,9 +351,7 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> t
     paths = out / f"{stem}.json", out / f"{stem}.md"
     for path, text in zip(paths, (json.dumps(results, indent=2, default=float) + "\n",
                                   format_markdown(results))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text, durable=False)
     return paths
 
 

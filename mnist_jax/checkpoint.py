@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from mnist_jax.atomic import fsync_dir, write_atomic
 from mnist_jax.errors import DataError, UsageError
 
 __all__ = ["Checkpointer", "save_params", "load_params"]
@@ -134,17 +134,10 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-    _fsync_dir(root.parent)
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames/creations inside it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpointer:
@@ -158,8 +151,6 @@ class Checkpointer:
     copies of the (replicated) state: orbax is told that process 0 is the only
     active process, so it waits at no barrier for the others.
     """
-
-    supports_multiprocess = True
 
     def __init__(self, directory: str | Path, *, keep: int = 3, every: int = 1) -> None:
         if keep < 1:
@@ -342,18 +333,7 @@ def save_params(path: str | Path, params: Any) -> None:
     payload = serialization.msgpack_serialize(
         {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION, "params": state}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, payload)
 
 
 def load_params(path: str | Path, template: Any = None) -> Any:

@@ -85,17 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = (RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite) if primary
            else _follower_run(out))  # only process 0 writes the run folder
 
-    ckpt_ok = primary and (not multi or getattr(Checkpointer, "supports_multiprocess", False))
-    if multi and primary and config.checkpoint_every and not ckpt_ok:
-        # orbax would wait at a barrier for processes that never save (see docs/distributed.md)
-        _err("warning: this Checkpointer cannot save from process 0 alone in a multi-process "
-             "run; no checkpoints are written")
+    # only process 0 saves (host copies of the replicated state)
     ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
                          every=config.checkpoint_every)
-            if config.checkpoint_every and ckpt_ok else None)
+            if config.checkpoint_every and primary else None)
     state, history = fresh, []
     if args.resume and ckpt is not None:
-        import jax
         import jax.numpy as jnp
         # Every leaf an array (a fresh state's step is the Python int 0, which would be
         # restored as int64 and fail the checkpoint's checksum of the saved int32 step).

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 import time
 import warnings
 import zlib
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_jax.atomic import atomic_path
 from mnist_jax.errors import DataError, UsageError
 
 DATA_DIR_ENV = "MNIST_JAX_DATA_DIR"
@@ -53,6 +53,18 @@ class Dataset:
 
 class _TfdsRefused(DataError):
     """tfds cannot be used here (checksums differ, or it/TensorFlow is not installed)."""
+
+
+def _dataset(name: str, arrays: dict[str, np.ndarray], source: str) -> Dataset:
+    """A Dataset from the four arrays keyed like IDX_FILES (labels as int32)."""
+    return Dataset(
+        name=name,
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"].astype(np.int32),
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"].astype(np.int32),
+        source=source,
+    )
 
 
 def _fail(path: Path | str, problem: object) -> DataError:
@@ -143,14 +155,7 @@ def load_idx_folder(folder: str | os.PathLike[str], name: str = "mnist") -> Data
             arrays[f"{split}_images"], arrays[f"{split}_labels"],
             files[f"{split}_images"], files[f"{split}_labels"],
         )
-    return Dataset(
-        name=name,
-        train_images=arrays["train_images"],
-        train_labels=arrays["train_labels"].astype(np.int32),
-        test_images=arrays["test_images"],
-        test_labels=arrays["test_labels"].astype(np.int32),
-        source="idx",
-    )
+    return _dataset(name, arrays, "idx")
 
 
 def load_tfds(
@@ -247,23 +252,13 @@ def _read_cache(path: Path, name: str) -> Dataset | None:
     except Exception as e:  # zipfile/OSError/ValueError/KeyError/DataError: all mean "rebuild"
         warnings.warn(f"ignoring damaged cache {path}: {' '.join(str(e).split())}", stacklevel=3)
         return None
-    return Dataset(
-        name=name,
-        train_images=arrays["train_images"],
-        train_labels=arrays["train_labels"].astype(np.int32),
-        test_images=arrays["test_images"],
-        test_labels=arrays["test_labels"].astype(np.int32),
-        source="cache",
-    )
+    return _dataset(name, arrays, "cache")
 
 
 def _write_cache(path: Path, ds: Dataset) -> None:
     """Write ``ds`` as an uncompressed uint8 ``.npz``, atomically (temp file + os.replace)."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 train_images=ds.train_images.astype(np.uint8),
@@ -271,13 +266,8 @@ def _write_cache(path: Path, ds: Dataset) -> None:
                 test_images=ds.test_images.astype(np.uint8),
                 test_labels=ds.test_labels.astype(np.uint8),
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"could not write cache {path}: {e}", stacklevel=3)
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
 
 
 def load_dataset(

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from mnist_jax.atomic import atomic_path
 from mnist_jax.errors import DataError
 
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
@@ -106,13 +107,8 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, durable=False) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

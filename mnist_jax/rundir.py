@@ -25,25 +25,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mnist_jax.atomic import write_atomic
 from mnist_jax.config import TrainConfig
 from mnist_jax.errors import DataError, UsageError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "params.msgpack", "checkpoints", "tb",
              "report")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

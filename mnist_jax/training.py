@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from mnist_jax.config import TrainConfig
 
 # fold_in tags that keep the RNG streams of a run apart.
 _INIT, _DROPOUT, _SHUFFLE = 0, 1, 2

@@ -611,5 +611,18 @@ def _quiet_unraisable(previous):
     return hook
 
 
+def console() -> int:
+    """The console script: :func:`main`, with the quiet hooks kept until the process exits.
+
+    Reads that a failed checkpoint restore abandoned can complete after ``main``
+    returns, while the interpreter shuts down; in a process of our own the hooks
+    stay, so nothing is printed under the one-line error.
+    """
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    sys.excepthook = _quiet_excepthook(sys.excepthook)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

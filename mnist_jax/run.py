@@ -83,14 +83,20 @@ def init_state(config: TrainConfig) -> TrainState:
     return states[0] if len(states) == 1 else stack_states(states)
 
 
-def put_data(dataset: data_lib.Dataset, config: TrainConfig, mesh) -> DeviceData:
-    """Split off validation data (Keras' last-fraction rule) and put the splits on
-    the devices, replicated: every step gathers its batch there."""
+def _split(dataset: data_lib.Dataset, config: TrainConfig):
+    """(train_x, train_y, val_x, val_y) by Keras' last-fraction rule; the batch must fit."""
     tx, ty, vx, vy = data_lib.validation_split(dataset.train_images, dataset.train_labels,
                                                config.validation_split)
     if config.batch_size > len(tx):
         raise UsageError(f"invalid --batch-size {config.batch_size}: larger than the "
                          f"{len(tx)} training examples")
+    return tx, ty, vx, vy
+
+
+def put_data(dataset: data_lib.Dataset, config: TrainConfig, mesh) -> DeviceData:
+    """Split off validation data (Keras' last-fraction rule) and put the splits on
+    the devices, replicated: every step gathers its batch there."""
+    tx, ty, vx, vy = _split(dataset, config)
     put = lambda *a: tuple(parallel.replicate(np.asarray(x), mesh) for x in a)
     # Several processes: each feeds its own part of every batch from the host copy.
     train = ((tx, ty.astype(np.int32)) if jax.process_count() > 1
@@ -154,11 +160,7 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     config = config.validate()
     mesh = parallel.make_data_mesh(config.devices)
     parallel.check_batch_size(config.batch_size, mesh)
-    tx, ty, vx, vy = data_lib.validation_split(dataset.train_images, dataset.train_labels,
-                                               config.validation_split)
-    if config.batch_size > len(tx):
-        raise UsageError(f"invalid --batch-size {config.batch_size}: larger than the "
-                         f"{len(tx)} training examples")
+    tx, ty, vx, vy = _split(dataset, config)
     info: dict[str, Any] = {"needed_bytes": None, "available_bytes": None,
                             "memory_source": None, "compile_seconds": 0.0}
     if jax.process_count() > 1:  # each process feeds its part of the batch: not estimated

@@ -6,13 +6,12 @@ import gzip
 import io
 import os
 import struct
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mnist_jax.errors import DataError, UsageError
 from mnist_jax.images import (
@@ -216,13 +215,11 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert corr(load_image(tmp_path / "phone.jpg"), to_mnist(upright)) > 0.9
 
 
-def test_large_photo_is_processed_quickly(tmp_path: Path) -> None:
-    """A 12-megapixel phone-sized photo is box-reduced first: fast, and still the same digit."""
+def test_large_photo_is_reduced_and_still_the_same_digit(tmp_path: Path) -> None:
+    """A 12-megapixel phone-sized photo is box-reduced first and still gives the same digit."""
     small = render_like_photo(synthetic_digit(), np.random.default_rng(3), size=300)
     small.resize((4000, 3000), Image.Resampling.BILINEAR).save(tmp_path / "big.jpg", quality=90)
-    start = time.perf_counter()
     out = load_image(tmp_path / "big.jpg")
-    assert time.perf_counter() - start < 3.0
     assert_mnist_like(out)
     assert corr_up_to_shift(out, to_mnist(small.resize((400, 300)))) > 0.9
 
@@ -243,13 +240,17 @@ def _png_header_only_bomb(path: Path, width: int, height: int) -> None:
 
 
 @pytest.mark.parametrize("side", [8000, 10000, 20000])  # 64 MP (our limit), 100 MP, 400 MP
-def test_decompression_bomb_refused_quickly(tmp_path: Path, side: int) -> None:
+def test_decompression_bomb_refused_before_decoding(tmp_path: Path, side: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / f"huge{side}.png"
     _png_header_only_bomb(path, side, side)
     assert path.stat().st_size < 200_000
-    start = time.perf_counter()
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("the pixels of a decompression bomb were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # refused from the header alone
     _one_line_error(path, "too large")
-    assert time.perf_counter() - start < 1.0
 
 
 def test_one_by_one_with_no_ink_is_blank(tmp_path: Path) -> None:

@@ -152,24 +152,25 @@ def test_a_killed_process_makes_the_other_fail_quickly(tmp_path):
     cmd = [sys.executable, "-m", "mnist_jax.cli", "train", "--epochs", "50", "--hidden", "32",
            "--batch-size", "256", "--quiet", "--out", str(run), "--heartbeat-timeout", "10"]
     procs = _two_processes(cmd, tmp_path)
+    metrics = run / "metrics.jsonl"
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and not (run / "metrics.jsonl").is_file() or \
-                not (run / "metrics.jsonl").read_text().strip():
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                (tmp_path / "proc0.log").read_text()[-2000:]
+        for _ in range(750):  # up to ~150 s for the first epoch (compilation on a busy CI box)
+            if metrics.is_file() and metrics.read_text().strip():
+                break
+            assert all(p.poll() is None for p in procs), (tmp_path / "proc0.log").read_text()[-2000:]
             time.sleep(0.2)
+        else:
+            pytest.fail("the two processes never finished an epoch")
         procs[1].send_signal(signal.SIGKILL)
-        t_kill = time.time()
-        code = procs[0].wait(timeout=60)
-        elapsed = time.time() - t_kill
+        # Bounded failure, not a speed claim: a hang (the bug this guards) would raise
+        # TimeoutExpired; the heartbeat timeout is 10 s, gloo's peer-loss error is immediate.
+        code = procs[0].wait(timeout=40)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     log = (tmp_path / "proc0.log").read_text()
-    print(f"process 0 exited with {code} {elapsed:.1f} s after process 1 was killed")
-    assert code != 0 and elapsed < 40, log[-2000:]
+    assert code != 0, log[-2000:]
     assert "lost contact" in log or "heartbeat" in log.lower(), log[-2000:]
     results = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() \
         else None

@@ -49,7 +49,7 @@ class TrainConfig:
         flag="--seeds", aliases=("--seed",))
     learning_rates: tuple[float, ...] = _field(
         (1e-3,), "Adam learning rate, or a comma-separated list for a sweep", flag="--lr")
-    adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default 1e-7)")
+    adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default)")
     validation_split: float = _field(
         0.0, "fraction of the training data held out for validation (last part, as Keras)")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")

@@ -161,9 +161,12 @@ class ProcessLocalEpoch:
         self.sharding = batch_sharding(mesh, self.axis)
         perm = functools.partial(training.epoch_permutation, batch_size=batch_size)
         run = functools.partial(training.run_steps, batch_sharding=batch_sharding(mesh))
-        if num_models > 1:
-            perm = jax.vmap(perm, in_axes=(0, None))
-            run = jax.vmap(run)
+        if num_models > 1:  # the same model axis as the single-process epoch
+            axis = training.default_model_axis()
+            perm = training.over_models(perm, 1, axis)
+            one_run = run  # here the batches are per model too: map every argument
+            run = (jax.vmap(one_run) if axis == "vmap" else
+                   lambda s, x, y: jax.lax.map(lambda a: one_run(*a), (s, x, y)))
         self._perm = jax.jit(perm, static_argnums=1, out_shardings=replicated(mesh))
         self._run = jax.jit(run)
 

@@ -217,8 +217,9 @@ def default_model_axis(platform: str | None = None) -> str:
     return "map" if (platform or jax.default_backend()) == "cpu" else "vmap"
 
 
-def _over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
-    """``fn(state, *shared)`` → the same over a stacked state (leading model axis)."""
+def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
+    """``fn(state, *shared)`` → the same over a stacked state (leading model axis),
+    by ``jax.vmap`` or ``lax.map`` (see :func:`default_model_axis`)."""
     if model_axis == "vmap":
         return jax.vmap(fn, in_axes=(0,) + (None,) * n_shared)
     if model_axis == "map":
@@ -235,9 +236,9 @@ def compile_fns(batch_size: int, num_models: int,
     evaluate, predict = eval_metrics, predict_probs
     if num_models > 1:
         axis = model_axis or default_model_axis()
-        epoch = _over_models(epoch, 2, axis)
-        evaluate = _over_models(evaluate, 2, axis)
-        predict = _over_models(predict, 1, axis)
+        epoch = over_models(epoch, 2, axis)
+        evaluate = over_models(evaluate, 2, axis)
+        predict = over_models(predict, 1, axis)
     return CompiledFns(jax.jit(epoch), jax.jit(evaluate), jax.jit(predict))
 
 

@@ -128,8 +128,9 @@ def _two_processes(cmd, tmp_path, **popen):
     return procs
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-    args = ["--train", "4096", "--epochs", "1", "--seeds", "0"]
+@pytest.mark.parametrize("seeds", ["0", "0,1"])  # one model, and a stacked state
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path, seeds):
+    args = ["--train", "4096", "--epochs", "1", "--seeds", seeds]
     procs = _two_processes([sys.executable, str(WORKER), str(tmp_path / "two"), *args],
                            tmp_path)
     single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), *args],

@@ -281,7 +281,8 @@ def _row_text(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _print_final(config, summary: dict, timings: dict, classes) -> None:
+def _print_test(config, summary: dict) -> None:
+    """Test loss and accuracy: of the model, or of each model and their mean ± std."""
     if config.num_models == 1:
         print(f"test loss {summary['test_loss']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
     else:
@@ -290,6 +291,10 @@ def _print_final(config, summary: dict, timings: dict, classes) -> None:
                   f"test accuracy {m['test_accuracy']:.4f}")
         print(f"test accuracy {summary['test_accuracy_mean']:.4f} ± "
               f"{summary['test_accuracy_std']:.4f} over {config.num_models} models")
+
+
+def _print_final(config, summary: dict, timings: dict, classes) -> None:
+    _print_test(config, summary)
     secs = timings["epoch_seconds"]
     if secs:
         print(f"compile {timings['compile_seconds']:.1f} s, {len(secs)} epochs in "
@@ -351,6 +356,7 @@ def _dataset_for(config, data_dir: str | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    from mnist_jax.run import summarize_models
     from mnist_jax.training import compile_fns, to_host
 
     run, config, state = _load_run(args.run_dir)
@@ -358,12 +364,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fns = compile_fns(config.batch_size, config.num_models)
     m = to_host(fns.evaluate(state, jnp.asarray(ds.test_images),
                              jnp.asarray(ds.test_labels, jnp.int32)))
-    losses, accs = np.atleast_1d(m["loss"]), np.atleast_1d(m["accuracy"])
-    for grid, loss, acc in zip(config.model_grid(), losses, accs):
-        tag = "" if config.num_models == 1 else f"seed {grid['seed']} lr {grid['lr']:g}: "
-        print(f"{tag}test loss {loss:.4f}, test accuracy {acc:.4f}")
-    if config.num_models > 1:
-        print(f"test accuracy {accs.mean():.4f} ± {accs.std():.4f} over {len(accs)} models")
+    _print_test(config, summarize_models(config, m))
     return 0
 
 

@@ -43,9 +43,12 @@ def _err(msg: str) -> None:
 # train
 # ---------------------------------------------------------------------------------------
 def _check_resume_config(saved, config) -> None:
-    """A resumed run must train the same thing; only the epoch count may grow."""
+    """A resumed run must train the same thing; only the epoch count may grow (unless a
+    cosine schedule, which spans the planned epochs, sets the learning rates)."""
     a, b = saved.to_dict(), config.to_dict()
     ignore = {"epochs", "data_dir", "checkpoint_every", "keep_checkpoints", "devices"}
+    if b.get("lr_schedule", "constant") != "constant":  # the schedule spans the whole run
+        ignore.discard("epochs")
     diff = [k for k in a if k not in ignore and a[k] != b[k]]
     if diff:
         raise UsageError(f"--resume: the flags differ from the saved run in {', '.join(diff)} "
@@ -78,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
           f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
     print(models.summary(build_model(config)))
-    fresh = init_state(config)
+    fresh = init_state(config, len(dataset.train_labels))
     # Batch size vs data and devices, memory: still before the run folder is touched
     # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs.
     fits = check_training_fits(config, dataset, fresh)
@@ -102,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if multi and args.resume:  # process 0's restored (or fresh) state, on every process
         from jax.experimental import multihost_utils
         state = multihost_utils.broadcast_one_to_all(state if state is not None
-                                                     else init_state(config))
+                                                     else fresh)
     run.write_config(config)
     run.write_metrics(history)
     tb = _tensorboard(run.path / "tb", config) if primary else None

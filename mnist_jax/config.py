@@ -18,6 +18,7 @@ MODELS = ("mlp", "cnn")
 DATASETS = ("mnist", "fashion_mnist")
 IMPLS = ("auto", "fast", "xla")
 DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine")
 
 
 def _field(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
@@ -50,6 +51,9 @@ class TrainConfig:
     learning_rates: tuple[float, ...] = _field(
         (1e-3,), "Adam learning rate, or a comma-separated list for a sweep", flag="--lr")
     adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default)")
+    lr_schedule: str = _field(
+        "constant", "learning-rate schedule: constant (Keras' default), or cosine decay to 0 "
+        "over the run's --epochs", choices=SCHEDULES)
     validation_split: float = _field(
         0.0, "fraction of the training data held out for validation (last part, as Keras)")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
@@ -69,6 +73,12 @@ class TrainConfig:
     def model_grid(self) -> list[dict[str, Any]]:
         """One ``{"seed", "lr"}`` dict per model, seeds varying slowest."""
         return [{"seed": s, "lr": lr} for s in self.seeds for lr in self.learning_rates]
+
+    def total_steps(self, train_examples: int) -> int:
+        """Optimizer steps of the whole run, given the training set's size before the
+        validation split (every epoch drops its last partial batch)."""
+        kept = int(math.floor(train_examples * (1.0 - self.validation_split)))
+        return self.epochs * (kept // self.batch_size)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Overrides passed to :func:`mnist_jax.models.create_model`."""

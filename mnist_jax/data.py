@@ -26,6 +26,7 @@ from mnist_jax.errors import DataError, UsageError
 DATA_DIR_ENV = "MNIST_JAX_DATA_DIR"
 CACHE_DIR_ENV = "MNIST_JAX_CACHE_DIR"
 DATASETS = ("mnist", "fashion_mnist")
+TRAIN_EXAMPLES = 60_000  # training images of either dataset
 NUM_CLASSES = 10
 SOURCES = ("auto", "tfds", "idx")
 IMAGE_SHAPE = (28, 28)

@@ -71,10 +71,16 @@ def build_model(config: TrainConfig):
     return models.create_model(config.model, **config.model_kwargs())
 
 
-def init_state(config: TrainConfig) -> TrainState:
-    """Fresh train state(s): one per (seed, learning rate), stacked when several."""
+def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES) -> TrainState:
+    """Fresh train state(s): one per (seed, learning rate), stacked when several.
+
+    ``train_examples`` (the training set before the validation split) sets the length
+    of a ``cosine`` learning-rate schedule; a ``constant`` one ignores it.
+    """
     model = build_model(config)
-    tx = make_optimizer(config.learning_rates[0], config.adam_eps)
+    # (at least 1 step: a batch larger than the data is refused later, with its own message)
+    tx = make_optimizer(config.learning_rates[0], config.adam_eps, config.lr_schedule,
+                        max(1, config.total_steps(train_examples)))
     # One compiled program, not op by op: eager initialisation dispatches hundreds of small
     # ops (~5 s for the MLP, ~12 s for the CNN on CPU); seed and rate are traced, so every
     # model of a sweep reuses it. Every leaf comes out a device array (step: int32).
@@ -166,7 +172,8 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     if jax.process_count() > 1:  # each process feeds its part of the batch: not estimated
         return info
     rep = parallel.replicated(mesh)
-    state = parallel.replicate(state if state is not None else init_state(config), mesh)
+    state = parallel.replicate(state if state is not None
+                               else init_state(config, len(dataset.train_labels)), mesh)
     fns = _compiled_fns(config.batch_size, config.num_models,
                         parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)
     x = jax.ShapeDtypeStruct(tx.shape, np.uint8, sharding=rep)
@@ -218,7 +225,7 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     steps = n_train // config.batch_size
 
     if state is None:
-        state = init_state(config)
+        state = init_state(config, len(dataset.train_labels))
     state = parallel.replicate(state, mesh)
     fns = _compiled_fns(config.batch_size, config.num_models,
                         parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)

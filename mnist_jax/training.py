@@ -49,10 +49,31 @@ class EpochMetrics(NamedTuple):
     first_bad_step: jax.Array  # index of the first step with a non-finite loss, or -1
 
 
-def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7, schedule: str = "constant",
+                   decay_steps: int | None = None) -> optax.GradientTransformation:
     """Adam with Keras' defaults; the learning rate is a state hyperparameter so
-    that a vmapped sweep can give every model its own."""
-    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=eps)
+    that a vmapped sweep can give every model its own.
+
+    ``schedule="cosine"`` scales every update by a cosine decay from 1 to 0 over
+    ``decay_steps`` (the whole run), so the learning rate ends at zero.
+    """
+    adam = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=eps)
+    if schedule == "constant":
+        return adam
+    if schedule == "cosine":
+        if not decay_steps or decay_steps < 1:
+            raise ValueError(f"the cosine schedule needs decay_steps >= 1, got {decay_steps}")
+        return optax.chain(adam, optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, decay_steps)))
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def adam_hyperparams(opt_state) -> dict[str, jax.Array]:
+    """The injected Adam hyperparameters (``learning_rate``, ``eps``) of an optimizer state
+    from :func:`make_optimizer`, with or without a schedule."""
+    return (opt_state if hasattr(opt_state, "hyperparams") else opt_state[0]).hyperparams
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
@@ -71,7 +92,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
     # would come back from a checkpoint as int64 and fail its checksum).
     state = state.replace(step=jnp.zeros((), jnp.int32))
     if learning_rate is not None:
-        state.opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        adam_hyperparams(state.opt_state)["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return state
 
 

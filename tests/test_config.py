@@ -49,10 +49,18 @@ def test_lists_of_seeds_and_learning_rates():
     ("learning_rates", (float("nan"),), "--lr"), ("learning_rates", (-1.0,), "--lr"),
     ("model", "resnet", "--model"), ("validation_split", 1.0, "--validation-split"),
     ("seeds", (1, 1), "--seeds"), ("devices", 0, "--devices"),
+    ("lr_schedule", "step", "--lr-schedule"),
 ])
 def test_invalid_values_are_usage_errors_naming_the_flag(field, value, flag):
     with pytest.raises(UsageError, match=flag):
         dataclasses.replace(TrainConfig(), **{field: value}).validate()
+
+
+def test_learning_rate_schedule_and_the_run_length_it_spans():
+    assert parse().lr_schedule == "constant"  # Keras' default: no decay
+    c = parse("--lr-schedule", "cosine", "--epochs", "12", "--validation-split", "0.1")
+    assert c.lr_schedule == "cosine"
+    assert c.total_steps(60000) == 12 * (54000 // 128)
 
 
 def test_round_trip_through_dict():

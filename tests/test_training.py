@@ -14,7 +14,7 @@ from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import CNN, MLP
 from mnist_jax.run import TrainingDiverged, fit, init_state
-from mnist_jax.training import (compile_fns, create_train_state, epoch_permutation,
+from mnist_jax.training import (adam_hyperparams, compile_fns, create_train_state, epoch_permutation,
                                 eval_metrics, make_optimizer, stack_states, train_epoch,
                                 train_step, unstack_state)
 
@@ -77,6 +77,34 @@ def test_resuming_from_a_state_continues_exactly():
     resumed = fit(SMALL, ds, state=part.state, history=part.history)
     assert leaves_equal(full.state, resumed.state)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_cosine_schedule_ends_the_run_at_a_zero_learning_rate_and_resumes_exactly():
+    ds = synthetic()  # 384 training images: 12 steps of 32 per epoch, 36 in the run
+    cosine = dataclasses.replace(SMALL, lr_schedule="cosine")
+    assert cosine.total_steps(len(ds.train_labels)) == 36
+    full = fit(cosine, ds)
+    assert int(full.state.opt_state[1].count) == 36
+    # the schedule has reached 0: one more step leaves the parameters as they are
+    x, y = jnp.asarray(ds.train_images[:32]), jnp.asarray(ds.train_labels[:32])
+    after, _ = jax.jit(train_step)(full.state, x, y)
+    assert leaves_equal(after.params, full.state.params)
+    assert not leaves_equal(full.state.params, fit(SMALL, ds).state.params)
+
+    class Stop(Exception):
+        pass
+
+    saved = {}
+
+    def stop_after_2(epoch, state, row):
+        if epoch == 2:
+            saved.update(state=state, history=[row])
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cosine, ds, on_epoch=stop_after_2)
+    resumed = fit(cosine, ds, state=saved["state"], history=saved["history"])
+    assert leaves_equal(full.state, resumed.state)
 
 
 def test_vmapped_seeds_match_separate_runs():
@@ -151,5 +179,5 @@ def test_the_cnn_learns_on_a_real_subset(mnist):
 def test_init_state_stacks_one_state_per_seed_and_rate():
     state = init_state(TrainConfig(seeds=(0, 1, 2), learning_rates=(1e-3, 1e-4), hidden=(8,)))
     assert state.step.shape == (6,)
-    lrs = np.asarray(state.opt_state.hyperparams["learning_rate"])
+    lrs = np.asarray(adam_hyperparams(state.opt_state)["learning_rate"])
     np.testing.assert_allclose(lrs, [1e-3, 1e-4] * 3, rtol=1e-6)

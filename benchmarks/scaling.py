@@ -102,7 +102,8 @@ def main() -> None:
         epochs = args.mlp_epochs if model == "mlp" else args.cnn_epochs
         train = args.mlp_train if model == "mlp" else args.cnn_train
         for n in [int(c) for c in args.counts.split(",")]:
-            env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
             if backend == "cpu":
                 flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
                 env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])

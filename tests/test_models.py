@@ -20,6 +20,14 @@ from mnist_jax.models import CNN, MLP, count_params, create_model, flops_per_exa
 RTOL = 2e-5
 
 
+@pytest.fixture
+def full_fp32_matmuls():
+    """fp32 products at full precision: on a GPU the default lets both paths use tf32
+    matrix units (~1e-3 relative error), which would hide what the comparison checks."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _init(model: Any, x: jax.Array, seed: int = 0) -> Any:
     init = jax.jit(lambda k, x: model.init(k, x, train=False)["params"])
     return init(jax.random.key(seed), x)
@@ -172,6 +180,7 @@ def _assert_fast_matches_xla(xla: Any, fast: Any, params: Any, x: jax.Array, y: 
     _close(gx_f, gx_x)
 
 
+@pytest.mark.usefixtures("full_fp32_matmuls")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_matches_xla_outputs_and_gradients(name: str) -> None:
     kw = CONFIGS[name]
@@ -181,6 +190,7 @@ def test_fast_matches_xla_outputs_and_gradients(name: str) -> None:
     _assert_fast_matches_xla(xla, fast, params, x, jnp.arange(6) % 10)
 
 
+@pytest.mark.usefixtures("full_fp32_matmuls")
 def test_fast_chunked_with_remainder_matches_xla(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch split into scan chunks plus a remainder chunk (and per-layer blocks)."""
     # largest im2col per example: conv_1, 8*8 positions x 3*3*4 values, float32
@@ -194,6 +204,7 @@ def test_fast_chunked_with_remainder_matches_xla(monkeypatch: pytest.MonkeyPatch
         _assert_fast_matches_xla(xla, fast, params, x, jnp.arange(7))
 
 
+@pytest.mark.usefixtures("full_fp32_matmuls")
 def test_fast_path_under_vmap_over_models() -> None:
     """training.py may vmap a step over stacked models: the custom VJP batches."""
     kw = {"features": (4, 8), "dense": ()}
@@ -286,8 +297,10 @@ def test_flops_per_example() -> None:
     m = CNN(impl="xla", pool_after=(True, True))
     f = flops_per_example(m)
     # XLA's own count (loop-free program) agrees within a few % (it adds elementwise ops)
-    x = jnp.zeros((8, 28, 28))
-    p = _random_params(m)
+    # on the CPU backend: a GPU's convolutions are library calls that XLA does not count
+    cpu = jax.devices("cpu")[0]
+    x = jax.device_put(jnp.zeros((8, 28, 28)), cpu)
+    p = jax.device_put(_random_params(m), cpu)
     cost = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False)).lower(p, x).compile()
     cost = cost.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

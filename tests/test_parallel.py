@@ -34,7 +34,8 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def _env(devices: int | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")

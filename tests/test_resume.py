@@ -95,7 +95,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MJT_MARKERS=str(tmp_path),
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, MJT_MARKERS=str(tmp_path),
                TF_CPP_MIN_LOG_LEVEL="3")
     env.update(extra)
     return env

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #2 and #3 as one prepared script for a lent GPU machine
+# (JAX, flax and optax preinstalled there; no tensorflow-datasets, no internet).
+#
+# Prepare here (git-ignored, carried with the call):
+#   mkdir -p .data/mnist && cp "$MNIST_JAX_DATA_DIR"/mnist/*.gz .data/mnist/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl keras==3.15.1 namex optree tensorboardX
+# Run there from the repository root:  bash benchmarks/gpu_session.sh [bench] [recipes] [tests]
+# (default: all three). What it writes to $OUT: the benchmark's results files, the CNN
+# recipe comparison and logs.
+set -u
+SECTIONS=" ${*:-bench recipes tests} "
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=3
+export MNIST_JAX_DATA_DIR=$PWD/.data MNIST_JAX_CACHE_DIR=/tmp/mnist-jax-cache
+# The package itself (its version is recorded in results.json) and the carried wheels.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --no-cache-dir --target /tmp/site . $(ls .whl/*.whl 2>/dev/null)
+export PYTHONPATH=$PWD:/tmp/site
+log() { echo "=== $(date +%T) $*"; }
+
+log versions
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())"
+
+if [[ $SECTIONS == *" bench "* ]]; then
+log "benchmark (issue 3)"
+timeout 330 python3 -m mnist_jax.bench --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v '^\[bench\]'
+
+fi
+
+if [[ $SECTIONS == *" recipes "* ]]; then
+log "CNN recipes, 12 epochs x 5 seeds (issue 2)"
+for sched in constant cosine; do
+  timeout 150 python3 -m mnist_jax.cli train --model cnn --epochs 12 --seeds 0,1,2,3,4 \
+      --lr-schedule $sched --checkpoint-every 0 --quiet --out /tmp/runs/cnn-$sched \
+      > "/tmp/runs-cnn-$sched.log" 2>&1 || { echo "cnn $sched failed"; tail -5 "/tmp/runs-cnn-$sched.log"; }
+done
+
+log "time to 99% with other recipes (cold processes)"
+for recipe in '{"batch_size": 256, "learning_rates": [0.002], "lr_schedule": "cosine"}' \
+              '{"batch_size": 512, "learning_rates": [0.003], "lr_schedule": "cosine"}'; do
+  timeout 90 python3 -m mnist_jax.bench --child \
+      "{\"kind\": \"tta\", \"model\": \"cnn\", \"target\": 0.99, \"max_epochs\": 4, \"recipe\": $recipe}" \
+      | grep MNIST_JAX_BENCH_RESULT >> /tmp/tta-recipes.jsonl
+done
+
+python3 - "$OUT/recipes.json" <<'PY'
+import json, sys, pathlib
+out = {"cnn_12_epochs": {}, "tta_recipes": []}
+for sched in ("constant", "cosine"):
+    p = pathlib.Path(f"/tmp/runs/cnn-{sched}/results.json")
+    if p.is_file():
+        r = json.loads(p.read_text())
+        out["cnn_12_epochs"][sched] = {k: r.get(k) for k in (
+            "test_accuracy", "test_accuracy_mean", "test_accuracy_std", "test_loss_mean",
+            "test_loss_std", "epoch_seconds", "compile_seconds", "total_seconds", "device")}
+p = pathlib.Path("/tmp/tta-recipes.jsonl")
+if p.is_file():
+    out["tta_recipes"] = [json.loads(l.split(" ", 1)[1]) for l in p.read_text().splitlines()]
+pathlib.Path(sys.argv[1]).write_text(json.dumps(out, indent=2))
+for sched, r in out["cnn_12_epochs"].items():
+    print(f"cnn 12 epochs {sched}: {r['test_accuracy']} mean {r['test_accuracy_mean']:.4f} "
+          f"± {r['test_accuracy_std']:.4f}")
+for r in out["tta_recipes"]:
+    print("tta", r.get("recipe"), r.get("reached"), r.get("epochs"), r.get("train_seconds"),
+          r.get("accuracy"), r.get("error", ""))
+PY
+
+fi
+
+if [[ $SECTIONS == *" tests "* ]]; then
+log "tests on the GPU"
+timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --timeout 120 \
+    tests/test_models.py tests/test_resume.py tests/test_training.py \
+    tests/test_training_failures.py > "$OUT/tests.log" 2>&1
+tail -25 "$OUT/tests.log"
+fi
+log done

@@ -66,7 +66,7 @@ _IMPLS = ("auto", "xla", "fast")
 _FAST_PADDINGS = ("VALID", "SAME")
 
 # Target size (bytes) of one batch chunk's im2col buffer in the fast conv.
-_FAST_CHUNK_BYTES = 2 << 20
+_FAST_CHUNK_BYTES = 4 << 20
 # Fuse all conv layers into one custom-VJP stack (recomputing the early layers'
 # activations per chunk in the backward) rather than one per layer.
 _FAST_FUSE_STACK = True

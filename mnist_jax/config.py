@@ -77,7 +77,8 @@ class TrainConfig:
     def total_steps(self, train_examples: int) -> int:
         """Optimizer steps of the whole run, given the training set's size before the
         validation split (every epoch drops its last partial batch)."""
-        kept = int(math.floor(train_examples * (1.0 - self.validation_split)))
+        from mnist_jax.data import training_count
+        kept = training_count(train_examples, self.validation_split)
         return self.epochs * (kept // self.batch_size)
 
     def model_kwargs(self) -> dict[str, Any]:

@@ -339,6 +339,12 @@ def to_categorical(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.nda
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def training_count(n: int, fraction: float) -> int:
+    """How many of ``n`` examples stay for training when ``fraction`` is held out for
+    validation: Keras' ``floor(n * (1 - fraction))``."""
+    return int(math.floor(n * (1.0 - fraction)))
+
+
 def validation_split(
     images: np.ndarray, labels: np.ndarray, fraction: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -352,7 +358,7 @@ def validation_split(
     if len(images) != len(labels):
         raise DataError(f"{len(images)} images but {len(labels)} labels")
     n = len(images)
-    split_at = int(math.floor(n * (1.0 - fraction)))
+    split_at = training_count(n, fraction)
     if fraction > 0 and split_at in (0, n):
         raise UsageError(f"{n} samples are too few to split off a validation fraction of {fraction}")
     return images[:split_at], labels[:split_at], images[split_at:], labels[split_at:]

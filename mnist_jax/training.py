@@ -30,6 +30,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
+from mnist_jax.config import SCHEDULES
+
 
 # fold_in tags that keep the RNG streams of a run apart.
 _INIT, _DROPOUT, _SHUFFLE = 0, 1, 2
@@ -47,9 +49,6 @@ class EpochMetrics(NamedTuple):
     loss: jax.Array
     accuracy: jax.Array
     first_bad_step: jax.Array  # index of the first step with a non-finite loss, or -1
-
-
-SCHEDULES = ("constant", "cosine")
 
 
 def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7, schedule: str = "constant",

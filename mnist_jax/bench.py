@@ -407,15 +407,7 @@ def load_data(data_dir: str | None, synthetic: bool):
         return data_lib.load_dataset("mnist", data_dir)
     import numpy as np
     rng = np.random.default_rng(0)
-
-    def split(n):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
-        return images, labels
-
-    (tx, ty), (vx, vy) = split(60000), split(10000)
+    (tx, ty), (vx, vy) = (data_lib.synthetic_digits(rng, n, noise=60) for n in (60000, 10000))
     return data_lib.Dataset("synthetic", tx, ty, vx, vy, source="synthetic")
 
 

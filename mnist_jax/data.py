@@ -339,6 +339,17 @@ def to_categorical(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.nda
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def synthetic_digits(rng: np.random.Generator, n: int, noise: int = 40
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable toy digits for smoke runs and tests: uint8 images of uniform
+    noise in [0, ``noise``) where class k lights up row block k; uint8 labels."""
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, noise, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
+    return images, labels
+
+
 def training_count(n: int, fraction: float) -> int:
     """How many of ``n`` examples stay for training when ``fraction`` is held out for
     validation: Keras' ``floor(n * (1 - fraction))``."""

@@ -21,10 +21,8 @@ import numpy as np
 def synthetic(n: int, seed: int = 0):
     from mnist_jax import data as data_lib
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for i, k in enumerate(labels):
-        images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
+    images, labels = data_lib.synthetic_digits(rng, n)
+    labels = labels.astype(np.int32)
     images += rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)  # noisy: not learnt at once
     return data_lib.Dataset("synthetic", images[: n - 512], labels[: n - 512], images[n - 512:],
                             labels[n - 512:], source="test")

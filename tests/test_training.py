@@ -21,11 +21,8 @@ from mnist_jax.training import (adam_hyperparams, compile_fns, create_train_stat
 
 def synthetic(n: int = 512, seed: int = 0) -> data_lib.Dataset:
     """Learnable toy digits: class k lights up row block k."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for i, k in enumerate(labels):
-        images[i, 2 * k + 3: 2 * k + 6, 4:24] = 255
+    images, labels = data_lib.synthetic_digits(np.random.default_rng(seed), n)
+    labels = labels.astype(np.int32)
     return data_lib.Dataset("synthetic", images[: n - 128], labels[: n - 128], images[n - 128:],
                             labels[n - 128:], source="test")
 

@@ -473,6 +473,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a finished run: RUN_DIR and --data-dir."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="The Keras MNIST tutorial in JAX: train, evaluate, "
                      "predict, inspect and benchmark MLP and CNN models.")
@@ -501,20 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for all processes to join (default 300)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test loss and accuracy of a trained run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
+    p = _run_parser(sub, "evaluate", "test loss and accuracy of a trained run")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="predicted classes for the test set, IDX files or images")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = _run_parser(sub, "predict", "predicted classes for the test set, IDX files or images")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="IDX image files, image files or folders (default: the test set)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--show", type=_non_negative_int, default=30,
                    help="classes shown for the test set / IDX input (0: all; default 30)")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -526,10 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=IMPLS, default="auto", help="CNN layer implementation")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("report", help="learning curves, confusion matrix and worst errors")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = _run_parser(sub, "report", "learning curves, confusion matrix and worst errors")
     p.add_argument("--out", help="folder for the figures (default: RUN_DIR/report)")
-    p.add_argument("--data-dir", help="folder with the IDX archives (default: the run's)")
     p.set_defaults(func=cmd_report)
 
     from mnist_jax.bench import add_arguments as add_bench_arguments

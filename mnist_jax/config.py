@@ -14,7 +14,7 @@ from typing import Any
 
 from mnist_jax.errors import UsageError
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "convnet")  # models.MODEL_NAMES, without importing jax here
 DATASETS = ("mnist", "fashion_mnist")
 IMPLS = ("auto", "fast", "xla")
 DTYPES = ("float32", "bfloat16")

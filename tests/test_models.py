@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from mnist_jax import models
-from mnist_jax.models import CNN, MLP, count_params, create_model, flops_per_example, summary
+from mnist_jax.models import (CNN, MLP, MODEL_NAMES, count_params, create_model, flops_per_example,
+                              summary)
 
 # fast vs xla: each gradient leaf (and the input gradient) must agree with
 # ||fast - xla|| <= RTOL * ||xla|| (L2 over the leaf), outputs likewise; float32
@@ -288,6 +289,27 @@ def test_create_model_and_errors() -> None:
         CNN(impl="cuda")
     with pytest.raises(ValueError, match="pool_after"):
         CNN(pool_after=(True,))
+
+
+def test_convnet_preset_is_keras_io_simple_convnet() -> None:
+    # keras.io "Simple MNIST convnet": Conv32 3x3 relu, pool 2, Conv64 3x3 relu, pool 2,
+    # Flatten, Dropout 0.5, Dense 10 -- 34,826 parameters.
+    m = create_model("convnet")
+    assert isinstance(m, CNN) and m.pool_after == (True, True)
+    assert (m.conv_dropout, tuple(m.dense)) == (0.5, ())
+    text = summary(m)
+    assert "(None, 13, 13, 32)" in text and "(None, 5, 5, 64)" in text and "(None, 1600)" in text
+    assert "Total params: 34,826" in text
+    assert create_model("convnet", impl="xla").impl == "xla"  # overrides still apply
+    # 2*MACs: 26*26*32*9 + 11*11*64*288 + 1600*10; training adds dW (all) and dX (not conv_0)
+    f = flops_per_example(m)
+    assert f["forward"] == 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 10)
+    assert f["train"] == 2 * (2 * 26 * 26 * 32 * 9 + 3 * (11 * 11 * 64 * 288 + 1600 * 10))
+
+
+def test_cli_model_choices_are_the_model_names() -> None:
+    from mnist_jax.config import MODELS
+    assert MODELS == MODEL_NAMES
 
 
 def test_flops_per_example() -> None:

@@ -34,7 +34,7 @@ from flax import linen as nn  # noqa: E402
 from jax import lax  # noqa: E402
 
 from mnist_jax import models  # noqa: E402
-from mnist_jax.models import CNN, MLP, flops_per_example  # noqa: E402
+from mnist_jax.models import CNN, MLP, create_model, flops_per_example  # noqa: E402
 
 
 # ---- naive formulations, for reference (same param tree as CNN) -----------
@@ -137,6 +137,14 @@ def variants(batch: int) -> dict[str, Callable[[], Any]]:
         "fast-bf16": lambda: make_step(CNN(impl="fast", dtype=jnp.bfloat16), batch),
         "appendix-xla": lambda: make_step(CNN(impl="xla", pool_after=(True, True)), batch),
         "appendix-fast": lambda: make_step(CNN(impl="fast", pool_after=(True, True)), batch),
+        "convnet-xla": lambda: make_step(create_model("convnet", impl="xla"), batch),
+        "convnet-fast": lambda: make_step(create_model("convnet", impl="fast"), batch),
+        "convnet-fast-chunk1MB": patched(create_model("convnet", impl="fast"),
+                                         _FAST_CHUNK_BYTES=1 << 20),
+        "convnet-fast-chunk16MB": patched(create_model("convnet", impl="fast"),
+                                          _FAST_CHUNK_BYTES=16 << 20),
+        "convnet-fast-nochunk": patched(create_model("convnet", impl="fast"),
+                                        _FAST_CHUNK_BYTES=1 << 40),
         "mlp": lambda: make_step(MLP(), batch),
         "mlp-bf16": lambda: make_step(MLP(dtype=jnp.bfloat16), batch),
     }
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             cpu[n].append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / a.inner)
     fl = {"cnn": flops_per_example(CNN())["train"] * a.batch,
           "appendix": flops_per_example(CNN(pool_after=(True, True)))["train"] * a.batch,
+          "convnet": flops_per_example(create_model("convnet"))["train"] * a.batch,
           "mlp": flops_per_example(MLP())["train"] * a.batch}
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, batch {a.batch}, "
           f"median of {a.rounds} rounds x {a.inner} steps")
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         fn, _ = steps[n]
         t = float(np.median(times[n]))
-        kind = "mlp" if n.startswith("mlp") else "appendix" if n.startswith("appendix") else "cnn"
+        kind = next((k for k in ("mlp", "appendix", "convnet") if n.startswith(k)), "cnn")
         temp = fn.memory_analysis().temp_size_in_bytes / 2**20
         print(f"{n:30s} {t * 1e3:8.1f} {np.median(cpu[n]) * 1e3:8.1f} {fl[kind] / t / 1e9:8.1f} "
               f"{temp:8.1f} "

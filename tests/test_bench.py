@@ -9,9 +9,11 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from mnist_jax import bench
 from mnist_jax.dropout import hash_keep_mask
+from mnist_jax.models import count_params
 
 
 def test_training_flops_of_the_tutorial_mlp():
@@ -100,14 +102,17 @@ def test_table_and_result_files(tmp_path):
 
 
 def test_parse_lists_and_plan():
-    import pytest
-
     from mnist_jax.errors import UsageError
     assert bench._parse_list("keras, torch", bench.PEERS, "--peers") == ["keras", "torch"]
     assert bench._parse_list("none", bench.PEERS, "--peers") == []
     with pytest.raises(UsageError, match="--peers"):
         bench._parse_list("tensorflow", bench.PEERS, "--peers")
     assert bench.plan(True)["train_images"]["mlp"] < 60000
+    for quick, accelerator in ((True, False), (False, False), (False, True)):
+        p = bench.plan(quick, accelerator)
+        for key in ("train_images", "epochs", "peer_epochs", "peer_steps", "bf16_steps",
+                    "bf16_train_images"):
+            assert set(p[key]) == set(bench.MODELS), (quick, accelerator, key)
     assert bench.measured_epochs([3.0, 1.0, 2.0]) == [1.0, 2.0]
     assert bench.measured_epochs([3.0]) == [3.0]
 
@@ -125,3 +130,22 @@ def test_hashed_dropout_mask_keeps_the_right_fraction_and_is_deterministic():
     assert np.array_equal(m, np.asarray(hash_keep_mask(key, 0.6, (256, 784))))
     assert not np.array_equal(m, np.asarray(hash_keep_mask(jax.random.fold_in(key, 1), 0.6,
                                                            (256, 784))))
+
+
+@pytest.mark.parametrize("peer", ["keras", "torch"])
+def test_the_peers_train_our_models(peer, monkeypatch):
+    """Each peer's twin of mlp / cnn / convnet has exactly our parameter count."""
+    if not bench.peer_available(peer):
+        pytest.skip(f"{peer} is not installed (it comes with the bench extra / by hand)")
+    from mnist_jax.models import create_model
+    if peer == "keras":
+        monkeypatch.setenv("KERAS_BACKEND", "jax")
+        count = lambda m: m.count_params()  # noqa: E731
+        build = bench.keras_model
+    else:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        build = bench.torch_model
+    for name in bench.MODELS:
+        ours = create_model(name)
+        params = ours.init(jax.random.key(0), np.zeros((1, 28, 28), np.float32), train=False)
+        assert count(build(name)) == count_params(params["params"]), name

@@ -19,7 +19,9 @@ an int8 "which element won" code (gradient to the first maximum, exactly like
 select-and-scatter), and the batch is processed in chunks of ~2 MB of im2col so
 temporaries stay small; the backward recomputes the earlier layers per chunk
 instead of storing them.  See ``benchmarks/step_variants.py`` for timings.
-``impl="auto"`` picks "fast" on the CPU backend and "xla" elsewhere.
+``impl="auto"`` picks "fast" to train on the CPU backend and "xla" elsewhere,
+including inference on the CPU, where XLA's own convolution runs the forward
+pass about twice as fast as im2col (10,000 test images: 0.6 s vs 1.1 s).
 """
 
 from __future__ import annotations
@@ -355,8 +357,9 @@ class CNN(nn.Module):
     Input ``(B,28,28)`` or ``(B,28,28,1)``; returns float32 logits.
 
     ``impl``: "xla" (``nn.Conv``/``nn.max_pool``), "fast" (fused custom-VJP
-    im2col blocks, best on CPU; falls back to "xla" for paddings other than
-    VALID/SAME) or "auto" ("fast" on the CPU backend, else "xla").
+    im2col blocks, best to train on CPU; falls back to "xla" for paddings other
+    than VALID/SAME) or "auto" ("fast" when training on the CPU backend, else
+    "xla": inference on the CPU is faster with XLA's convolution).
     Both use the same parameter tree.
     """
 
@@ -381,10 +384,14 @@ class CNN(nn.Module):
 
     @property
     def resolved_impl(self) -> str:
-        """The implementation actually used: "xla" or "fast"."""
+        """The implementation training uses: "xla" or "fast"."""
+        return self.impl_for(train=True)
+
+    def impl_for(self, train: bool) -> str:
+        """The implementation a call with this ``train`` flag uses: "xla" or "fast"."""
         impl = self.impl
         if impl == "auto":
-            impl = "fast" if jax.default_backend() == "cpu" else "xla"
+            impl = "fast" if train and jax.default_backend() == "cpu" else "xla"
         if impl == "fast" and self.padding.upper() not in _FAST_PADDINGS:
             impl = "xla"
         return impl
@@ -401,7 +408,7 @@ class CNN(nn.Module):
         if x.ndim == 3:
             x = x[..., None]
         k = self.kernel_size
-        if self.resolved_impl == "fast":
+        if self.impl_for(train) == "fast":
             ws, bs, cfg = [], [], []
             pads = ((0, 0), (0, 0)) if self.padding.upper() == "VALID" else (_same_pads(k),) * 2
             cin = x.shape[-1]

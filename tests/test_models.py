@@ -133,6 +133,9 @@ def test_cnn_input_layouts_and_appendix_shapes() -> None:
 def test_impl_resolution_and_identical_init() -> None:
     assert CNN().resolved_impl == ("fast" if jax.default_backend() == "cpu" else "xla")
     assert CNN(impl="xla").resolved_impl == "xla"
+    # "auto" trains on the fast path but infers with XLA's convolution (faster forward)
+    assert CNN().impl_for(train=False) == "xla"
+    assert CNN(impl="fast").impl_for(train=False) == "fast"  # an explicit choice holds
     kw = {"features": (4, 8), "dense": (16,)}
     x = _images(1, shape=(12, 12))
     a, b = (CNN(impl=i, **kw).init(jax.random.key(3), x, train=False)["params"]

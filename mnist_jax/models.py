@@ -236,11 +236,24 @@ def _pad(x: jax.Array, pads) -> jax.Array:
     return jnp.pad(x, ((0, 0), *pads, (0, 0))) if any(map(any, pads)) else x
 
 
+def _pooled_input(xp: jax.Array, kh: int, kw: int, pool: int) -> jax.Array:
+    """The part of the (padded) input that the pooled outputs depend on: a VALID
+    pool drops the last conv row/column when their count is odd, so neither that
+    output nor the input rows/columns only it reads need computing (11x11 -> 10x10
+    in the convnet's second layer: 17 % of its FLOPs)."""
+    if not pool:
+        return xp
+    h = (xp.shape[1] - kh + 1) // pool * pool + kh - 1
+    w = (xp.shape[2] - kw + 1) // pool * pool + kw - 1
+    return xp[:, :h, :w]
+
+
 def _layer_fwd(x, w, b, cfg: _LayerCfg):
     """relu(conv(x)+b) [max-pooled]; returns (output, aux for the backward):
     aux is the int8 pool code, or the output itself when not pooled."""
     (pads, pool), (kh, kw, ci, co) = cfg, w.shape
-    z = jnp.dot(_im2col(_pad(x, pads), kh, kw), w.reshape(kh * kw * ci, co)) + b
+    xp = _pooled_input(_pad(x, pads), kh, kw, pool)
+    z = jnp.dot(_im2col(xp, kh, kw), w.reshape(kh * kw * ci, co)) + b
     if pool:
         return _relu_pool_fwd(z, pool)
     a = jnp.maximum(z, 0)
@@ -250,7 +263,8 @@ def _layer_fwd(x, w, b, cfg: _LayerCfg):
 def _layer_bwd(x, w, cfg: _LayerCfg, aux, g):
     """(dx, dw, db) of :func:`_layer_fwd` given its input, aux and output cotangent."""
     (pads, pool), (kh, kw, ci, co) = cfg, w.shape
-    xp = _pad(x, pads)
+    full = _pad(x, pads)
+    xp = _pooled_input(full, kh, kw, pool)
     if pool:
         dz = _relu_pool_bwd(aux, g, xp.shape[1] - kh + 1, xp.shape[2] - kw + 1, pool)
     else:
@@ -259,6 +273,9 @@ def _layer_bwd(x, w, cfg: _LayerCfg, aux, g):
                        preferred_element_type=jnp.float32)
     db = dz.sum(axis=(0, 1, 2), dtype=jnp.float32)
     dx = _col2im(jnp.dot(dz, w.reshape(kh * kw * ci, co).T), kh, kw, ci)
+    if dx.shape != full.shape:  # rows/columns only the dropped outputs read: zero gradient
+        dx = jnp.pad(dx, ((0, 0), (0, full.shape[1] - dx.shape[1]),
+                          (0, full.shape[2] - dx.shape[2]), (0, 0)))
     (t, _), (l, _) = pads
     return dx[:, t : t + x.shape[1], l : l + x.shape[2]], dw, db
 

@@ -153,7 +153,8 @@ def test_impl_resolution_and_identical_init() -> None:
 
 CONFIGS = {
     "classic": {},
-    "appendix": {"pool_after": (True, True)},
+    "appendix": {"pool_after": (True, True)},  # 11x11 -> pool 5x5: the last row/column unused
+    "convnet": {"pool_after": (True, True), "conv_dropout": 0.5, "dense": ()},
     "k5-same": {"kernel_size": 5, "padding": "SAME", "features": (8, 16), "dense": (32,)},
     "3conv-pool3-k4": {"features": (4, 8, 8), "pool_after": (True, False, True), "pool_size": 3,
                        "kernel_size": 4, "padding": "SAME", "dense": (16,)},

@@ -6,9 +6,11 @@ MLP (``--hidden 64``, 4 epochs, ~0.3-1 s per epoch). The subprocess is the CLI's
 variables) that mark when something happens, so that the test can SIGKILL the
 process at a chosen point:
 
-* mid-epoch: no hook; the test waits until epoch 2 is recorded and kills the
-  process half an epoch later, then checks that it died inside epoch 3 (epoch 2
-  recorded, no checkpoint or temporary directory of epoch 3);
+* mid-epoch: the compiled training epoch is wrapped so that, once epoch 3's
+  program has been dispatched (JAX runs it asynchronously), the process marks
+  that and hangs; the kill lands there, inside epoch 3, however fast the device
+  (a kill timed by the clock came too late on a GPU, whose epochs take
+  milliseconds). The test checks that nothing of epoch 3 reached the disk;
 * mid-save: orbax's commit (the rename of ``epoch_N.orbax-checkpoint-tmp-*`` to
   ``epoch_N``) is held back for epoch 3, so the kill lands after every array of
   the checkpoint is written but before it is committed.
@@ -58,6 +60,31 @@ if stall:
         return await original(self, *args, **kwargs)
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+stall_epoch = os.environ.get("MJT_STALL_EPOCH")  # e.g. "3": hang once its program is dispatched
+if stall_epoch:
+    import mnist_jax.run as run
+
+    compile_ = run._timed_compile
+    compiled_epochs = []
+
+    def timed_compile(fn, *args):
+        compiled, seconds = compile_(fn, *args)
+        if compiled_epochs:  # fit compiles the training epoch first, then evaluation
+            return compiled, seconds
+        compiled_epochs.append(compiled)
+
+        def epoch(*a):
+            out = compiled(*a)
+            compiled_epochs.append(None)
+            if len(compiled_epochs) - 1 == int(stall_epoch):
+                mark("dispatched-epoch_" + stall_epoch)
+                time.sleep(3600)  # killed here: epoch 3 runs or has run, nothing of it is saved
+            return out
+
+        return epoch, seconds
+
+    run._timed_compile = timed_compile
 
 if os.environ.get("MJT_NO_UNPICKLE"):  # loading a checkpoint or parameters must never unpickle
     import contextlib, pickle, _pickle
@@ -188,14 +215,11 @@ def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_pro
 def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(reference, mnist_dir, tmp_path):
     run = tmp_path / "run"
     args = ["train", *SMALL, "--data-dir", str(mnist_dir), "--out", str(run)]
-    epoch_s = sorted(json.loads(line)["epoch_seconds"] for line in
-                     (reference / "metrics.jsonl").read_text().splitlines())[1]
-    proc = _start(tmp_path, *args)
-    _wait_for(lambda: _epochs_recorded(run) >= 2, proc, "epoch 2 was recorded")
-    time.sleep(0.5 * epoch_s)  # into epoch 3's compiled program
+    proc = _start(tmp_path, *args, MJT_STALL_EPOCH="3")
+    _wait_for(lambda: (tmp_path / "dispatched-epoch_3").exists(), proc, "epoch 3's dispatch")
     _kill(proc)
     # It died inside epoch 3: epochs 1-2 recorded and checkpointed, nothing of epoch 3.
-    assert _epochs_recorded(run) == 2, "the kill came too late (epoch 3 finished)"
+    assert _epochs_recorded(run) == 2
     assert _checkpoints(run) == ["epoch_1", "epoch_2"], _checkpoints(run)
     assert not (run / "params.msgpack").exists()
 

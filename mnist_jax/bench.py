@@ -61,6 +61,14 @@ PEER_TITLES = {"ours": "mnist-jax", "keras": "Keras 3 (JAX backend)", "torch": "
 PEER_MODULES = {"keras": "keras", "torch": "torch"}
 RESULT_PREFIX = "MNIST_JAX_BENCH_RESULT "
 TTA_TARGET = 0.99
+# Further cold-process runs to 99 %: the fastest recipes found for each CNN (one seed each;
+# "epochs" is the length of the cosine schedule, the run stops at the first epoch >= 99 %).
+TTA_RECIPES = [
+    {"model": "cnn", "max_epochs": 4,
+     "recipe": {"batch_size": 256, "learning_rates": [0.002], "lr_schedule": "cosine"}},
+    {"model": "convnet", "max_epochs": 5,
+     "recipe": {"learning_rates": [0.003], "lr_schedule": "cosine"}},
+]
 
 # Targets of issue #3 on the 2-core CPU it was written for.
 TARGETS = {
@@ -68,6 +76,7 @@ TARGETS = {
     "mlp_achieved_over_ceiling": 0.7,  # >= 70 % of the fp32 matmul ceiling
     "cnn_epoch_over_keras": 0.15,      # our CNN epoch <= 0.15 x Keras-3-JAX's
     "eval_seconds": 0.2,               # 10k test images in <= 0.2 s
+    "cnn_time_to_99_seconds": 30.0,    # CNN to 99 % test accuracy from a cold process
 }
 # ... and on a GPU (H100/H200): training seconds, compilation not counted.
 GPU_TARGETS = {
@@ -95,6 +104,7 @@ def plan(quick: bool, accelerator: bool = False) -> dict[str, Any]:
             "bf16_train_images": {"mlp": 6400, "cnn": 640, "convnet": 640},
             "ceiling_n": 1024, "reps": 3,
             "tta": {"model": "cnn", "max_epochs": 1, "train_images": 1280},
+            "tta_recipes": [],
         }
     return {
         "train_images": {"mlp": None, "cnn": None, "convnet": None},  # all 60,000
@@ -105,6 +115,7 @@ def plan(quick: bool, accelerator: bool = False) -> dict[str, Any]:
         "bf16_train_images": {"mlp": None, "cnn": None, "convnet": None},
         "ceiling_n": 2048, "reps": 10,
         "tta": {"model": "cnn", "max_epochs": 10, "train_images": None},
+        "tta_recipes": TTA_RECIPES,
     } if not accelerator else {
         "train_images": {"mlp": None, "cnn": None, "convnet": None},
         "epochs": {"mlp": 100, "cnn": 12, "convnet": 15},
@@ -114,6 +125,7 @@ def plan(quick: bool, accelerator: bool = False) -> dict[str, Any]:
         "bf16_train_images": {"mlp": None, "cnn": None, "convnet": None},
         "ceiling_n": 8192, "reps": 20,
         "tta": {"model": "cnn", "max_epochs": 12, "train_images": None},
+        "tta_recipes": TTA_RECIPES,
     }
 
 
@@ -216,6 +228,13 @@ def target_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     def eval_seconds(model: str) -> float | None:
         return models.get(model, {}).get("ours", {}).get("eval_seconds")
 
+    def fastest_to_accuracy(model: str) -> float | None:
+        """The fewest seconds from a cold process to the target, over the recipes run."""
+        runs = [results.get("time_to_accuracy") or {}, *results.get("time_to_accuracy_recipes", [])]
+        done = [r["seconds"] for r in runs
+                if r.get("model") == model and r.get("reached") and r.get("seconds") is not None]
+        return min(done) if done else None
+
     if results.get("device_info", {}).get("platform", "cpu") == "cpu":
         out = {
             "mlp_epoch_over_keras": check(ratio("mlp", "ours_over_keras"),
@@ -226,11 +245,15 @@ def target_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                           TARGETS["cnn_epoch_over_keras"]),
             "mlp_eval_seconds": check(eval_seconds("mlp"), TARGETS["eval_seconds"]),
             "cnn_eval_seconds": check(eval_seconds("cnn"), TARGETS["eval_seconds"]),
+            "cnn_time_to_99_seconds": check(fastest_to_accuracy("cnn"),
+                                            TARGETS["cnn_time_to_99_seconds"]),
         }
         if "convnet" in models:  # the issue's planning model, reported beside the targets
             out["convnet_epoch_over_keras"] = check(ratio("convnet", "ours_over_keras"),
                                                     TARGETS["cnn_epoch_over_keras"])
             out["convnet_eval_seconds"] = check(eval_seconds("convnet"), TARGETS["eval_seconds"])
+            out["convnet_time_to_99_seconds"] = check(fastest_to_accuracy("convnet"),
+                                                      TARGETS["cnn_time_to_99_seconds"])
         return out
     mlp = models.get("mlp", {}).get("ours", {})
     hundred = mlp.get("train_seconds") if len(mlp.get("epoch_seconds", [])) == 100 else None
@@ -333,17 +356,20 @@ def _header_line(results: dict[str, Any]) -> str:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     lines = []
-    tta = results.get("time_to_accuracy")
-    if tta:
+    runs = [results["time_to_accuracy"]] if results.get("time_to_accuracy") else []
+    for tta in runs + results.get("time_to_accuracy_recipes", []):
+        recipe = tta.get("recipe") or {}
+        how = ", ".join(f"{k} {v}" for k, v in recipe.items()) or "default recipe"
         if tta.get("status") == "ok":
             got = "reached" if tta.get("reached") else "NOT reached"
-            lines.append(f"time to {tta['target']:.1%} test accuracy ({tta['model']}, cold process): "
-                         f"{got} after {tta.get('epochs')} epochs, {_fmt(tta.get('seconds'), '.1f')} s "
-                         f"from process start, of which {_fmt(tta.get('train_seconds'), '.2f')} s "
-                         f"training epochs (accuracy per epoch: "
-                         f"{', '.join(f'{a:.4f}' for a in tta.get('accuracy', []))})")
+            lines.append(f"time to {tta['target']:.1%} test accuracy ({tta['model']}, {how}, "
+                         f"cold process): {got} after {tta.get('epochs')} epochs, "
+                         f"{_fmt(tta.get('seconds'), '.1f')} s from process start, of which "
+                         f"{_fmt(tta.get('train_seconds'), '.2f')} s training epochs (accuracy per "
+                         f"epoch: {', '.join(f'{a:.4f}' for a in tta.get('accuracy', []))})")
         else:
-            lines.append(f"time to accuracy: {tta.get('status')} {tta.get('reason') or tta.get('error') or ''}")
+            lines.append(f"time to accuracy ({tta.get('model')}, {how}): {tta.get('status')} "
+                         f"{tta.get('reason') or tta.get('error') or ''}")
     for name, entry in results.get("models", {}).items():
         ours = entry.get("ours", {})
         if ours.get("train_seconds") is not None:
@@ -564,13 +590,19 @@ def run_peer(peer: str, model_name: str, *, epochs: int, steps: int | None, data
 
 
 def run_time_to_accuracy(model_name: str, target: float, max_epochs: int, train_images: int | None,
-                         data_dir: str | None, synthetic: bool, timeout: float) -> dict[str, Any]:
+                         data_dir: str | None, synthetic: bool, timeout: float,
+                         recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model_name`` in a cold process until its test accuracy reaches ``target``;
+    ``recipe``: TrainConfig overrides (batch size, learning rates, schedule, ...)."""
     task = {"kind": "tta", "model": model_name, "target": target, "max_epochs": max_epochs,
-            "train_images": train_images, "data_dir": data_dir, "synthetic": synthetic}
+            "train_images": train_images, "data_dir": data_dir, "synthetic": synthetic,
+            "recipe": recipe or {}}
     r = run_child(task, timeout)
     if r.get("status") == "ok":
         # From the moment the cold process was started to the epoch reaching the target.
         r["seconds"] = r.pop("finished_at") - r["process_started"]
+    r.setdefault("model", model_name)
+    r.setdefault("target", target)
     return r
 
 
@@ -884,8 +916,13 @@ def main(args: argparse.Namespace) -> int:
         results["time_to_accuracy"] = run_time_to_accuracy(
             t["model"], TTA_TARGET, t["max_epochs"], t["train_images"], args.data_dir,
             args.synthetic, args.peer_timeout)
-        results["time_to_accuracy"].setdefault("model", t["model"])
-        results["time_to_accuracy"].setdefault("target", TTA_TARGET)
+        results["time_to_accuracy_recipes"] = []
+        for t in p["tta_recipes"]:
+            if t["model"] in models_:
+                _log(f"time to {TTA_TARGET:.0%} ({t['model']}, {t['recipe']}, cold process)")
+                results["time_to_accuracy_recipes"].append(run_time_to_accuracy(
+                    t["model"], TTA_TARGET, t["max_epochs"], None, args.data_dir,
+                    args.synthetic, args.peer_timeout, t["recipe"]))
 
     results["device_info"]["load_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     busy = [v for v in (load_start, results["device_info"]["load_end"]) if v is not None]

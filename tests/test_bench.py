@@ -72,6 +72,25 @@ def test_ratios_and_targets():
     assert bench.eval_floor_seconds(2e9, 10, 400.0) == 0.05
 
 
+def test_time_to_accuracy_target_takes_the_fastest_recipe_that_reached_it():
+    r = _fake_results()
+    assert r["targets"]["cnn_time_to_99_seconds"]["met"] is None  # nothing ran
+    r["time_to_accuracy"] = {"status": "ok", "model": "cnn", "target": 0.99, "reached": True,
+                             "seconds": 118.0, "epochs": 5, "accuracy": [0.98, 0.99]}
+    r["time_to_accuracy_recipes"] = [
+        {"status": "ok", "model": "cnn", "target": 0.99, "reached": True, "seconds": 45.0,
+         "epochs": 2, "accuracy": [0.985, 0.991], "recipe": {"batch_size": 256}},
+        {"status": "ok", "model": "cnn", "target": 0.99, "reached": False, "seconds": 20.0,
+         "epochs": 1, "accuracy": [0.985]},  # fast, but never got there: does not count
+        {"status": "timeout", "model": "convnet", "target": 0.99, "reason": "no result"}]
+    t = bench.target_checks(r)
+    assert t["cnn_time_to_99_seconds"] == {"value": 45.0, "target": 30.0, "at_most": True,
+                                           "met": False}
+    notes = "\n".join(bench._notes(r))
+    assert "after 2 epochs, 45.0 s" in notes and "batch_size 256" in notes
+    assert "NOT reached after 1 epochs" in notes and "(convnet, default recipe): timeout" in notes
+
+
 def test_a_gpu_is_held_to_the_gpu_targets():
     r = _fake_results()
     r["device_info"]["platform"] = "gpu"

@@ -145,6 +145,8 @@ def variants(batch: int) -> dict[str, Callable[[], Any]]:
                                           _FAST_CHUNK_BYTES=16 << 20),
         "convnet-fast-nochunk": patched(create_model("convnet", impl="fast"),
                                         _FAST_CHUNK_BYTES=1 << 40),
+        "convnet-fast-im2col0": patched(create_model("convnet", impl="fast"), _XLA_CONV_MAX_CIN=0),
+        "fast-im2col0": patched(fast, _XLA_CONV_MAX_CIN=0),
         "mlp": lambda: make_step(MLP(), batch),
         "mlp-bf16": lambda: make_step(MLP(dtype=jnp.bfloat16), batch),
     }

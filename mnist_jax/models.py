@@ -17,8 +17,8 @@ faults on every call.  The fast path runs the whole conv stack (conv -> ReLU
 slices concatenated) + one matmul (the forward of a one-channel layer is XLA's
 conv; a pooled layer computes only the outputs its pool reads), pooling is a
 reshape + max that also records an int8 "which element won" code (gradient to
-the first maximum, exactly like select-and-scatter), and the batch is processed in chunks of ~4 MB of im2col so
-temporaries stay small; the backward recomputes the earlier layers per chunk
+the first maximum, exactly like select-and-scatter), and the batch is processed
+in chunks of ~4 MB of im2col so temporaries stay small; the backward recomputes the earlier layers per chunk
 instead of storing them.  See ``benchmarks/step_variants.py`` for timings.
 ``impl="auto"`` picks "fast" to train on the CPU backend and "xla" elsewhere,
 including inference on the CPU, where XLA's own convolution runs the forward
@@ -193,24 +193,22 @@ def _window_index(p: int) -> jax.Array:
 def _relu_pool_fwd(z: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
     """max_pool(relu(z)) plus, per output, the window index XLA's
     select-and-scatter would route the gradient to (first maximum), or p*p
-    where the maximum is <= 0 (ReLU kills the gradient)."""
+    where the maximum is <= 0 (ReLU kills the gradient).  ``z``'s height and
+    width are multiples of ``p`` (:func:`_pooled_input` crops the rest)."""
     n, h, w, c = z.shape
     ho, wo = h // p, w // p
-    z6 = z[:, : ho * p, : wo * p].reshape(n, ho, p, wo, p, c)
+    z6 = z.reshape(n, ho, p, wo, p, c)
     m = z6.max(axis=(2, 4))
     idx = jnp.where(z6 == m[:, :, None, :, None, :], _window_index(p), p * p).min(axis=(2, 4))
     code = jnp.where(m > 0, idx, p * p).astype(jnp.int8 if p * p < 127 else jnp.int32)
     return jnp.maximum(m, 0), code
 
 
-def _relu_pool_bwd(code: jax.Array, g: jax.Array, h: int, w: int, p: int) -> jax.Array:
+def _relu_pool_bwd(code: jax.Array, g: jax.Array, p: int) -> jax.Array:
     n, ho, wo, c = g.shape
-    dz = jnp.where(
+    return jnp.where(
         code[:, :, None, :, None, :] == _window_index(p), g[:, :, None, :, None, :], 0
     ).reshape(n, ho * p, wo * p, c)
-    if (h, w) != (ho * p, wo * p):
-        dz = jnp.pad(dz, ((0, 0), (0, h - ho * p), (0, w - wo * p), (0, 0)))
-    return dz
 
 
 def _chunk_size(n: int, per_example_bytes: int) -> int:
@@ -275,7 +273,7 @@ def _layer_bwd(x, w, cfg: _LayerCfg, aux, g):
     full = _pad(x, pads)
     xp = _pooled_input(full, kh, kw, pool)
     if pool:
-        dz = _relu_pool_bwd(aux, g, xp.shape[1] - kh + 1, xp.shape[2] - kw + 1, pool)
+        dz = _relu_pool_bwd(aux, g, pool)
     else:
         dz = jnp.where(aux > 0, g, 0)
     dw = jnp.tensordot(_im2col(xp, kh, kw), dz, axes=((0, 1, 2), (0, 1, 2)),

@@ -131,7 +131,7 @@ class AugmentSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AugmentSpec":
+    def from_dict(cls, d: dict[str, Any]) -> AugmentSpec:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`UsageError`."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
@@ -141,7 +141,7 @@ class AugmentSpec:
         return cls(**d)
 
     @classmethod
-    def parse(cls, text: str) -> "AugmentSpec":
+    def parse(cls, text: str) -> AugmentSpec:
         """The command-line form: ``"rotation=10,scale=0.1,shear=5,translate=2,elastic=34"``.
 
         Keys are the field names (``-`` works for ``_``; ``elastic`` means
@@ -221,7 +221,7 @@ def affine_matrices(key: jax.Array, batch: int, spec: AugmentSpec) -> jax.Array:
                               spec.translate * u[:, 4])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """``(size, size)`` float32 ``G`` with ``G @ v == scipy.ndimage.gaussian_filter1d(v,
     sigma, mode="reflect", truncate=truncate)`` for a length-``size`` vector ``v``."""

@@ -481,7 +481,7 @@ def download_archives(name: str, cache_dir: str | os.PathLike[str] | None = None
                     with atomic_path(folder / f"{stem}.gz", durable=False) as dst:
                         shutil.copyfile(path, dst)
         except Exception as e:
-            raise DataError(f"could not download {name} from {where}: {_one_line(e)}; "
+            raise DataError(f"could not download {name} from {where}: {_one_line(e).rstrip('.')}; "
                             f"{OFFLINE_HINT}") from None
     return folder
 

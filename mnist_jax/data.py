@@ -30,7 +30,7 @@ import urllib.parse
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -254,7 +254,7 @@ def _import_tfds():
     return tfds
 
 
-def _registered_url_infos(name: str) -> dict[str, object]:
+def _registered_url_infos(name: str) -> dict[str, tuple[str, Any]]:
     """{file stem: (url, tfds UrlInfo)} for ``name``'s official archives, as tfds registers
     them (the URL moved to the mirror of ``url_env(name)`` when that is set)."""
     tfds = _import_tfds()

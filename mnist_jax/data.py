@@ -1,22 +1,36 @@
-"""MNIST / Fashion-MNIST loading: tfds (official archives), a strict IDX reader, a uint8 cache.
+"""MNIST / Fashion-MNIST loading: the bytes of the folder given, in the official file order.
 
-``load_dataset`` is the entry point. The first run prepares the archives with
-tensorflow-datasets (or reads the IDX files directly) and writes an ``.npz`` cache; later
-runs read that cache with NumPy alone and never import TensorFlow. The preprocessing helpers
-mirror the Keras MNIST tutorial (``x / 255``, ``to_categorical``, ``validation_split``).
+``load_dataset`` is the entry point. The four archives of a folder are hashed (SHA-256):
+only archives whose hashes are the checksums tensorflow-datasets registers for the dataset
+go through tfds (validated and prepared by it, returned in the archives' own order), and
+anything else goes through the strict IDX reader with its one-line errors. With no folder,
+tfds downloads the official archives into the cache, once. The loaded arrays are cached as
+one uint8 ``.npz`` keyed by the archives' content; later runs read it with NumPy alone and
+never import TensorFlow. Preparation is serialized across processes by a file lock, and
+everything it writes appears atomically. The preprocessing helpers mirror the Keras MNIST
+tutorial (``x / 255``, ``to_categorical``, ``validation_split``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
+import logging
 import math
 import os
+import shutil
+import socket
+import sys
+import tempfile
 import time
+import urllib.parse
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,23 +51,35 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+OFFLINE_HINT = (f"without a network, pass --data-dir DIR (or set {DATA_DIR_ENV}) "
+                "with the four official archives")
+
+
+def url_env(name: str) -> str:
+    """The variable naming a mirror of ``name``'s official archives: MNIST_JAX_<NAME>_URL.
+
+    Set, tfds downloads ``<url>/train-images-idx3-ubyte.gz`` etc. from there instead of the
+    URL its builder registers, and still validates the checksums it registers.
+    """
+    return f"MNIST_JAX_{name.upper()}_URL"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits of one dataset: images (N, 28, 28) uint8, labels (N,) int32."""
+    """Both splits of one dataset, in the official file order: images (N, 28, 28) uint8,
+    labels (N,) int32."""
 
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    source: str  # "tfds", "idx" or "cache"
+    source: str  # "tfds" (official bytes, prepared by tfds), "idx" or "cache"
     load_seconds: float = 0.0
 
 
 class _TfdsRefused(DataError):
-    """tfds cannot be used here (checksums differ, or it/TensorFlow is not installed)."""
+    """tfds cannot be used here (not the official bytes, or it/TensorFlow is not installed)."""
 
 
 def _dataset(name: str, arrays: dict[str, np.ndarray], source: str) -> Dataset:
@@ -68,18 +94,17 @@ def _dataset(name: str, arrays: dict[str, np.ndarray], source: str) -> Dataset:
     )
 
 
+def _one_line(problem: object) -> str:
+    return " ".join(str(problem).split())
+
+
 def _fail(path: Path | str, problem: object) -> DataError:
     """A one-line DataError naming ``path``."""
-    return DataError(f"{path}: {' '.join(str(problem).split())}")
+    return DataError(f"{path}: {_one_line(problem)}")
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a uint8 IDX file (gzip-compressed or raw) into an array shaped by its header.
-
-    Raises DataError (one line, naming the file) for a missing, unreadable, empty, corrupt
-    or inconsistent file.
-    """
-    path = Path(path)
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of one data file; DataError (naming it) when missing, unreadable or empty."""
     if path.is_dir():
         raise _fail(path, "is a directory, expected an IDX file")
     try:
@@ -93,6 +118,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
     if not raw:
         raise _fail(path, "empty file")
+    return raw
+
+
+def _parse_idx(path: Path, raw: bytes) -> np.ndarray:
+    """The uint8 array held by ``raw``, the bytes of the IDX file ``path`` (gzip or not)."""
     data = raw
     if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
         try:
@@ -118,6 +148,16 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         kind = "truncated" if got < want else "trailing bytes"
         raise _fail(path, f"payload is {got} bytes but header dims {dims} need {want} ({kind})")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a uint8 IDX file (gzip-compressed or raw) into an array shaped by its header.
+
+    Raises DataError (one line, naming the file) for a missing, unreadable, empty, corrupt
+    or inconsistent file.
+    """
+    path = Path(path)
+    return _parse_idx(path, _read_bytes(path))
 
 
 def _find_idx_files(folder: Path) -> dict[str, Path]:
@@ -147,74 +187,204 @@ def _check_split(images: np.ndarray, labels: np.ndarray, img_path: Path, lbl_pat
         raise _fail(lbl_path, f"label {labels[bad[0]]} at index {bad[0]} is outside 0..9")
 
 
-def load_idx_folder(folder: str | os.PathLike[str], name: str = "mnist") -> Dataset:
-    """Read and validate the four IDX files of ``folder`` with the plain reader."""
-    files = _find_idx_files(Path(folder))
-    arrays = {key: read_idx(path) for key, path in files.items()}
+def _idx_arrays(files: dict[str, Path], raw: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The four arrays parsed from the files' bytes, validated split by split."""
+    arrays = {key: _parse_idx(path, raw[key]) for key, path in files.items()}
     for split in ("train", "test"):
         _check_split(
             arrays[f"{split}_images"], arrays[f"{split}_labels"],
             files[f"{split}_images"], files[f"{split}_labels"],
         )
-    return _dataset(name, arrays, "idx")
+    return arrays
+
+
+def load_idx_folder(folder: str | os.PathLike[str], name: str = "mnist") -> Dataset:
+    """Read and validate the four IDX files of ``folder`` with the plain reader."""
+    files = _find_idx_files(Path(folder))
+    raw = {key: _read_bytes(path) for key, path in files.items()}
+    return _dataset(name, _idx_arrays(files, raw), "idx")
+
+
+# ---------------------------------------------------------------- tfds: checksums, preparation
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[None]:
+    """Silence TensorFlow's C++ log, absl, tfds' prints and bars while tfds works.
+
+    A user sees mnist-jax's own lines only; a real failure still arrives as an exception.
+    """
+    # Read once, when TensorFlow is imported; a user's own settings win. The oneDNN notice
+    # ignores the log level, and oneDNN only changes float round-off in TF's ops, of which
+    # tfds uses PNG decoding alone here.
+    quiet_env = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    set_env = [k for k in quiet_env if k not in os.environ]
+    os.environ.update({k: quiet_env[k] for k in set_env})
+    loggers = [logging.getLogger(n) for n in ("absl", "tensorflow", "tensorflow_datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    absl_logging = None
+    try:
+        from absl import logging as absl_logging
+
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    try:
+        # tfds prints "Downloading and preparing dataset …" to stdout with termcolor.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if absl_logging is not None:
+            absl_logging.set_verbosity(verbosity)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        for k in set_env:
+            os.environ.pop(k, None)
+
+
+def _import_tfds():
+    """tensorflow_datasets with its progress bars off; _TfdsRefused when it cannot be imported."""
+    try:
+        import tensorflow_datasets as tfds
+    except Exception as e:  # ImportError, or a broken install failing while importing
+        raise _TfdsRefused(f"tensorflow-datasets cannot be imported: {_one_line(e)}") from e
+    tfds.disable_progress_bar()  # one line of ours says what is loaded; theirs floods logs
+    return tfds
+
+
+def _registered_url_infos(name: str) -> dict[str, tuple[str, Any]]:
+    """{file stem: (url, tfds UrlInfo)} for ``name``'s official archives, as tfds registers
+    them (the URL moved to the mirror of ``url_env(name)`` when that is set)."""
+    tfds = _import_tfds()
+    try:
+        infos = tfds.builder_cls(name).url_infos or {}
+    except Exception as e:
+        raise _TfdsRefused(f"tfds has no checksums for {name}: {_one_line(e)}") from e
+    mirror = os.environ.get(url_env(name), "").strip()
+    found = {}
+    for url, info in infos.items():
+        filename = info.filename or Path(urllib.parse.urlparse(url).path).name
+        stem = filename.removesuffix(".gz")
+        if stem in IDX_FILES.values():
+            found[stem] = (urllib.parse.urljoin(mirror.rstrip("/") + "/", filename) if mirror
+                           else url, info)
+    if len(found) != len(IDX_FILES):
+        raise _TfdsRefused(f"tfds registers no checksums for the four {name} archives")
+    return found
+
+
+def registered_checksums(name: str) -> dict[str, str]:
+    """{archive file name: SHA-256} that tensorflow-datasets registers for ``name``.
+
+    Raises DataError when tfds cannot be imported.
+    """
+    return {f"{stem}.gz": info.checksum for stem, (_, info) in _registered_url_infos(name).items()}
+
+
+def _is_official(name: str, files: dict[str, Path], digests: dict[str, str]) -> bool:
+    """Whether the files are ``name``'s official archives, byte for byte."""
+    sums = registered_checksums(name)
+    return all(sums.get(files[k].name) == digests[k] for k in IDX_FILES)
+
+
+def _not_official(name: str, folder: Path) -> _TfdsRefused:
+    return _TfdsRefused(
+        f"{folder}: the archives are not the official {name} bytes (their SHA-256 differs "
+        "from the checksums tfds registers); use source='idx' to read them directly")
+
+
+def _discard_incomplete(folder: Path, pattern: str) -> None:
+    """Remove what an interrupted preparation left (the caller holds the dataset's lock)."""
+    for path in folder.glob(pattern):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _tfds_arrays(name: str, manual_dir: Path, tfds_data_dir: Path) -> dict[str, np.ndarray]:
+    """Prepare ``name`` with tfds from the archives in ``manual_dir`` (tfds validates their
+    checksums again), or reuse its prepared store, and return the four arrays in tfds'
+    order. Any tfds failure becomes a one-line DataError."""
+    tfds = _import_tfds()
+    try:
+        with _quiet_tensorflow():
+            config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+            # tfds names extractions after the file alone, and both datasets' archives share
+            # their names: one download folder per dataset keeps MNIST out of Fashion-MNIST.
+            prepare = {"download_config": config,
+                       "download_dir": str(tfds_data_dir / "downloads" / name)}
+            splits = tfds.load(
+                name,
+                split=["train", "test"],
+                data_dir=str(tfds_data_dir),
+                batch_size=-1,
+                as_supervised=True,
+                download_and_prepare_kwargs=prepare,
+            )
+            (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+    except ImportError as e:  # TensorFlow, imported lazily while preparing
+        raise _TfdsRefused(f"TensorFlow cannot be imported: {_one_line(e)}") from e
+    except Exception as e:
+        raise DataError(f"tfds could not prepare {name} from {manual_dir}: {_one_line(e)}") from e
+    return {"train_images": np.squeeze(train_x, -1), "train_labels": train_y,
+            "test_images": np.squeeze(test_x, -1), "test_labels": test_y}
+
+
+def _examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One split's (image, label) pairs as sorted byte rows: its contents, not its order."""
+    rows = np.concatenate([np.asarray(images, np.uint8).reshape(len(images), -1),
+                           np.asarray(labels, np.uint8).reshape(-1, 1)], axis=1)
+    return np.sort(np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel())
+
+
+def _prepared_by_tfds(name: str, folder: Path, arrays: dict[str, np.ndarray],
+                      tfds_data_dir: Path) -> Dataset:
+    """The official archives' ``arrays`` (file order), once tfds has prepared the same
+    examples: tfds stores them shuffled, so the order comes from the archives, and a
+    prepared store that holds anything else is refused."""
+    prepared = _tfds_arrays(name, folder, tfds_data_dir)
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        px, py = prepared[f"{split}_images"], prepared[f"{split}_labels"]
+        if px.shape != x.shape or py.shape != y.shape or not np.array_equal(
+                _examples(px, py), _examples(x, y)):
+            raise DataError(
+                f"{tfds_data_dir / name}: tfds' prepared {split} split differs from the "
+                f"archives in {folder}; delete that folder and run again")
+    return _dataset(name, arrays, "tfds")
 
 
 def load_tfds(
     name: str, manual_dir: str | os.PathLike[str], tfds_data_dir: str | os.PathLike[str]
 ) -> Dataset:
-    """Prepare ``name`` with tensorflow-datasets from the official archives in ``manual_dir``.
+    """``name`` from its official archives in ``manual_dir``, validated and prepared by
+    tensorflow-datasets (the prepared store goes to ``tfds_data_dir``), in the file order.
 
-    The prepared TFRecords go to ``tfds_data_dir``. tfds shuffles the examples while
-    preparing, so the order differs from the IDX files. Raises DataError when the archives
-    are not the official bytes (tfds' checksum check) or tfds/TensorFlow cannot be imported.
+    The archives' SHA-256 is checked against tfds' registered checksums before any prepared
+    store is used. Raises DataError when they are not the official bytes or tfds/TensorFlow
+    cannot be imported. Unlike ``load_dataset`` this takes no lock.
     """
     manual_dir = Path(manual_dir)
     missing = [f"{s}.gz" for s in IDX_FILES.values() if not (manual_dir / f"{s}.gz").is_file()]
     if missing:
         raise _fail(manual_dir, f"tfds needs the official .gz archives; missing {', '.join(missing)}")
-    checksum_error: type | tuple[()] = ()
-    try:
-        import tensorflow_datasets as tfds
-
-        checksum_error = tfds.download.download_manager.NonMatchingChecksumError
-        tfds.disable_progress_bar()  # one line of ours says what is loaded; theirs floods logs
-        config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-        splits = tfds.load(
-            name,
-            split=["train", "test"],
-            data_dir=str(tfds_data_dir),
-            batch_size=-1,
-            as_supervised=True,
-            download_and_prepare_kwargs={"download_config": config},
-        )
-        (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
-    except ImportError as e:  # tfds itself, or TensorFlow (imported lazily while preparing)
-        raise _TfdsRefused(f"tensorflow-datasets/TensorFlow cannot be imported: {e}") from e
-    except Exception as e:
-        if not isinstance(e, checksum_error):
-            raise
-        raise _TfdsRefused(
-            f"{manual_dir}: the archives are not the official {name} bytes "
-            "(tfds checksum mismatch); use source='idx' to read them directly"
-        ) from e
-    return Dataset(
-        name=name,
-        train_images=np.squeeze(train_x, -1),
-        train_labels=train_y.astype(np.int32),
-        test_images=np.squeeze(test_x, -1),
-        test_labels=test_y.astype(np.int32),
-        source="tfds",
-    )
+    files = {key: manual_dir / f"{stem}.gz" for key, stem in IDX_FILES.items()}
+    raw = {key: _read_bytes(path) for key, path in files.items()}
+    if not _is_official(name, files, _digests(raw)):
+        raise _not_official(name, manual_dir)
+    return _prepared_by_tfds(name, manual_dir, _idx_arrays(files, raw), Path(tfds_data_dir))
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None, name: str) -> Path:
-    """The folder holding ``name``'s files: ``data_dir``, else $MNIST_JAX_DATA_DIR.
+# ---------------------------------------------------------------- folders, download, cache
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None, name: str) -> Path | None:
+    """The folder holding ``name``'s files: ``data_dir``, else $MNIST_JAX_DATA_DIR, else None
+    (no folder given: ``load_dataset`` downloads the official archives).
 
     A ``<dir>/<name>`` subfolder is preferred when present, so one root serves all datasets.
     """
     root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
     if not root:
-        raise UsageError(f"no data folder: pass --data-dir DIR or set {DATA_DIR_ENV}")
+        return None
     root = Path(root).expanduser()
     if (root / name).is_dir():
         return root / name
@@ -229,13 +399,103 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mnist_jax"
 
 
-def _fingerprint(files: dict[str, Path]) -> str:
-    """A cheap key of the source files: names, sizes and modification times."""
+def _acquire(name: str, cache_dir: Path):
+    """``name``'s lock in ``cache_dir`` (a filelock), held; None when it cannot be made."""
+    from filelock import FileLock, Timeout
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache_dir / f".{name}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"mnist-jax: waiting for another process preparing {name} in {cache_dir}",
+                  file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError as e:  # a read-only cache: nothing of ours will be written there anyway
+        warnings.warn(f"cannot lock {cache_dir} ({e}); preparing {name} without a lock",
+                      stacklevel=4)
+        return None
+    return lock
+
+
+@contextlib.contextmanager
+def _preparing(name: str, cache_dir: Path) -> Iterator[None]:
+    """Hold ``name``'s lock in ``cache_dir``: one process prepares, the others wait for it.
+    The OS releases it when its holder dies, even by SIGKILL."""
+    lock = _acquire(name, cache_dir)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f"{stem}.gz").is_file() for stem in IDX_FILES.values())
+
+
+def _check_reachable(url: str) -> None:
+    """Fail fast when the host cannot be reached (tfds retries a refused connection for
+    minutes with backoff)."""
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=15).close()
+    except OSError as e:
+        raise DataError(f"cannot reach {parts.hostname}:{port} ({e.strerror or e})") from None
+
+
+def download_archives(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder ``<cache>/archives/<name>`` holding ``name``'s four official archives,
+    downloaded once by tfds' download manager (which validates the checksums it registers).
+
+    The URL is tfds' own, or the mirror in ``url_env(name)``. A failed or offline download
+    raises a one-line DataError that names what failed and the offline alternative.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache_dir / "archives" / name
+    if _complete(folder):
+        return folder
+    with _preparing(name, cache_dir):
+        if _complete(folder):  # another process downloaded them while we waited
+            return folder
+        _discard_incomplete(cache_dir, f"{name}.tmp.*")  # a download killed midway
+        try:
+            urls = _registered_url_infos(name)
+            tfds = _import_tfds()
+        except DataError as e:
+            raise DataError(f"cannot download {name}: {e}; {OFFLINE_HINT}") from None
+        where = next(iter(urls.values()))[0].rsplit("/", 1)[0]
+        try:
+            with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f"{name}.tmp.") as tmp:
+                with _quiet_tensorflow():
+                    _check_reachable(next(iter(urls.values()))[0])
+                    manager = tfds.download.DownloadManager(
+                        download_dir=tmp, url_infos={url: info for url, info in urls.values()},
+                        dataset_name=name, force_checksums_validation=True)
+                    paths = manager.download({stem: url for stem, (url, _) in urls.items()})
+                for stem, path in paths.items():
+                    with atomic_path(folder / f"{stem}.gz", durable=False) as dst:
+                        shutil.copyfile(path, dst)
+        except Exception as e:
+            raise DataError(f"could not download {name} from {where}: {_one_line(e).rstrip('.')}; "
+                            f"{OFFLINE_HINT}") from None
+    return folder
+
+
+def _digests(raw: dict[str, bytes]) -> dict[str, str]:
+    return {key: hashlib.sha256(data).hexdigest() for key, data in raw.items()}
+
+
+def _content_key(digests: dict[str, str]) -> str:
+    """The cache key: a hash of the four archives' bytes (their SHA-256s), nothing else."""
     h = hashlib.sha256()
-    for path in files.values():
-        st = path.stat()
-        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    for key in IDX_FILES:
+        h.update(f"{key}:{digests[key]}\n".encode())
+    return h.hexdigest()[:32]
 
 
 def _read_cache(path: Path, name: str) -> Dataset | None:
@@ -251,7 +511,7 @@ def _read_cache(path: Path, name: str) -> Dataset | None:
                 raise ValueError("arrays are not uint8")
             _check_split(x, y, path, path)
     except Exception as e:  # zipfile/OSError/ValueError/KeyError/DataError: all mean "rebuild"
-        warnings.warn(f"ignoring damaged cache {path}: {' '.join(str(e).split())}", stacklevel=3)
+        warnings.warn(f"ignoring damaged cache {path}: {_one_line(e)}", stacklevel=3)
         return None
     return _dataset(name, arrays, "cache")
 
@@ -271,6 +531,27 @@ def _write_cache(path: Path, ds: Dataset) -> None:
         warnings.warn(f"could not write cache {path}: {e}", stacklevel=3)
 
 
+def _load_uncached(name: str, folder: Path, files: dict[str, Path], raw: dict[str, bytes],
+                   digests: dict[str, str], source: str, tfds_data_dir: Path) -> Dataset:
+    """Read the folder's bytes: the strict IDX reader always (damaged archives are refused
+    whatever else is on the machine), then tfds for the official archives."""
+    arrays = _idx_arrays(files, raw)
+    if source == "idx":
+        return _dataset(name, arrays, "idx")
+    if source == "auto" and not all(p.suffix == ".gz" for p in files.values()):
+        return _dataset(name, arrays, "idx")  # uncompressed files are never the official ones
+    try:
+        if not _is_official(name, files, digests):
+            raise _not_official(name, folder)
+        _discard_incomplete(tfds_data_dir / name, "incomplete.*")  # tfds' own, from a kill
+        return _prepared_by_tfds(name, folder, arrays, tfds_data_dir)
+    except _TfdsRefused as e:
+        if source == "tfds":
+            raise
+        warnings.warn(f"tfds refused {name} ({e}); reading the IDX files instead", stacklevel=3)
+    return _dataset(name, arrays, "idx")
+
+
 def load_dataset(
     name: str = "mnist",
     data_dir: str | os.PathLike[str] | None = None,
@@ -281,39 +562,41 @@ def load_dataset(
 ) -> Dataset:
     """Load ``name`` from its folder (see ``resolve_data_dir``), through the uint8 cache.
 
-    ``source``: "tfds" (official archives only), "idx" (plain reader) or "auto" (tfds, and
-    the IDX reader with a warning when tfds refuses the archives or cannot be imported).
-    A cache hit returns ``source="cache"`` without importing TensorFlow. ``use_cache=False``
-    neither reads nor writes the cache.
+    Whatever the route, the arrays are the bytes of that folder, in the official file
+    order. With no folder given, tfds downloads the official archives into the cache first
+    (``download_archives``). ``source``: "tfds" (official archives only, checked by SHA-256
+    against tfds' registered checksums), "idx" (plain reader) or "auto" (tfds for the
+    official archives, the IDX reader for anything else, with a warning for ``.gz`` archives
+    that are not the official bytes). A cache hit, keyed by the archives' content, returns
+    ``source="cache"`` without importing TensorFlow. ``use_cache=False`` neither reads nor
+    writes the cache. Concurrent processes are safe: one prepares, the others wait for it.
     """
     start = time.perf_counter()
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if source not in SOURCES:
         raise UsageError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
-    folder = resolve_data_dir(data_dir, name)
-    files = _find_idx_files(folder)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    # tfds shuffles while preparing, so tfds- and idx-built caches differ in order: key both.
-    origins = ("tfds", "idx") if source == "auto" else (source,)
-    cache_path = {o: cache_dir / f"{name}-{o}-{_fingerprint(files)}.npz" for o in origins}
+    folder = resolve_data_dir(data_dir, name)
+    if folder is None:
+        folder = download_archives(name, cache_dir)
+    files = _find_idx_files(folder)
+    raw = {key: _read_bytes(path) for key, path in files.items()}
+    digests = _digests(raw)
+    if source == "tfds" and not all(p.suffix == ".gz" for p in files.values()):
+        raise _fail(folder, "tfds needs the official .gz archives")
+    if source == "tfds" and not _is_official(name, files, digests):
+        raise _not_official(name, folder)
+    cache_path = cache_dir / f"{name}-{_content_key(digests)}.npz"
 
-    ds = None
-    if use_cache:
-        ds = next(filter(None, (_read_cache(cache_path[o], name) for o in origins)), None)
+    ds = _read_cache(cache_path, name) if use_cache else None
     if ds is None:
-        official = all(p.suffix == ".gz" for p in files.values())
-        if source == "tfds" or (source == "auto" and official):
-            try:
-                ds = load_tfds(name, folder, cache_dir / "tfds")
-            except _TfdsRefused as e:
-                if source == "tfds":
-                    raise
-                warnings.warn(f"tfds refused {name} ({e}); reading the IDX files instead", stacklevel=2)
-        if ds is None:
-            ds = load_idx_folder(folder, name)
-        if use_cache:
-            _write_cache(cache_path[ds.source], ds)
+        with _preparing(name, cache_dir):
+            ds = _read_cache(cache_path, name) if use_cache else None  # made while we waited
+            if ds is None:
+                ds = _load_uncached(name, folder, files, raw, digests, source, cache_dir / "tfds")
+                if use_cache:
+                    _write_cache(cache_path, ds)
     return dataclasses.replace(ds, load_seconds=time.perf_counter() - start)
 
 

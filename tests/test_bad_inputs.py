@@ -40,7 +40,7 @@ import pytest
 from PIL import Image
 
 from mnist_jax import cli
-from mnist_jax.data import IDX_FILES
+from mnist_jax.data import IDX_FILES, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 256, 64
@@ -348,8 +348,9 @@ CASES: list[Case] = [
     case("data-bad-on-evaluate", "data",
          lambda c: ["evaluate", c.run, "--data-dir", damaged(c.data_copy(), P, b"")], 1,
          P, "empty"),
-    case("data-no-folder-configured", "data",
-         lambda c: ["train", "--out", c.tmp / "r", "--quiet"], 2, "MNIST_JAX_DATA_DIR"),
+    case("data-no-folder-and-no-network", "data",  # no folder: download, here refused
+         lambda c: ["train", "--out", c.tmp / "r", "--quiet"], 1, "could not download",
+         "--data-dir DIR", "MNIST_JAX_DATA_DIR"),
     case("idx-input-wrong-dimensions", "data",
          lambda c: c.predict(write_idx(c.tmp / "x-idx3-ubyte", np.zeros((3, 20, 20)))), 1,
          "x-idx3-ubyte", "28"),
@@ -520,8 +521,9 @@ def test_case_table_is_counted():
 def test_bad_input(case: Case, world, tmp_path, capfd, monkeypatch):
     ctx = Ctx(tmp_path, world)
     monkeypatch.setenv("MNIST_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    if case.id == "data-no-folder-configured":
+    if case.id == "data-no-folder-and-no-network":
         monkeypatch.delenv("MNIST_JAX_DATA_DIR", raising=False)
+        monkeypatch.setenv("MNIST_JAX_MNIST_URL", "http://127.0.0.1:9/")  # nothing listens
     argv = case.argv(ctx)
     if case.deny_read:
         _deny_reading(monkeypatch, case.deny_read)
@@ -588,3 +590,29 @@ def test_bad_input_in_a_subprocess(case_id, world, tmp_path):
              if not (c.warnings_ok and line.startswith("mnist-jax: warning: "))]
     assert len(lines) == 1 and lines[0].startswith("mnist-jax: error: "), proc.stderr
     assert {p: tree_digest(p) for p in ctx.guarded} == before
+
+
+# ---------------------------------------------------------------------------------------
+# the bad-data cases again, on a machine where MNIST was prepared before (issue #11): a warm
+# tfds store and a warm cache must not stand in for the folder given
+# ---------------------------------------------------------------------------------------
+WARM_CASES = [c for c in CASES if c.group == "data" and c.code == 1
+              and c.id.startswith("data-") and c.id != "data-no-folder-and-no-network"]
+
+
+@pytest.fixture(scope="session")
+def warm_cache(mnist, data_cache_dir, world) -> Path:
+    """A cache holding tfds' prepared official MNIST and the world's data, both loaded."""
+    assert mnist.source == "tfds" and (data_cache_dir / "tfds" / "mnist").is_dir()
+    load_dataset("mnist", world["data"], cache_dir=data_cache_dir)
+    return data_cache_dir
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("case", WARM_CASES, ids=[c.id for c in WARM_CASES])
+def test_bad_data_with_a_warm_tfds_store_and_cache(case, world, warm_cache, tmp_path, capfd,
+                                                  monkeypatch):
+    # Hard links: the warm cache, private to this case (writes replace files, never edit).
+    shutil.copytree(warm_cache, tmp_path / "cache", copy_function=os.link)
+    assert list((tmp_path / "cache" / "tfds" / "mnist").iterdir())
+    test_bad_input(case, world, tmp_path, capfd, monkeypatch)

@@ -242,10 +242,9 @@ def test_resolve_data_dir_explicit_env_and_subfolder(tmp_path, monkeypatch):
     assert resolve_data_dir(other, "mnist") == other  # the argument beats the environment
 
 
-def test_resolve_data_dir_unset_is_usage_error(monkeypatch):
+def test_resolve_data_dir_unset_means_download(monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    with pytest.raises(UsageError, match="--data-dir DIR or set MNIST_JAX_DATA_DIR"):
-        resolve_data_dir(None, "mnist")
+    assert resolve_data_dir(None, "mnist") is None
 
 
 def test_resolve_data_dir_missing_folder_is_data_error(tmp_path):
@@ -274,7 +273,7 @@ def test_load_dataset_idx_then_cache(tmp_path):
     folder = make_folder(tmp_path / "data" / "mnist")
     first = load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "c", source="idx")
     assert first.source == "idx" and first.load_seconds > 0
-    assert [p.suffix for p in (tmp_path / "c").iterdir()] == [".npz"]
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 1
     second = load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx")
     assert second.source == "cache" and second.name == "mnist"
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
@@ -294,13 +293,22 @@ def test_load_dataset_cache_stores_uint8(tmp_path):
         assert sorted(z.files) == sorted(data.IDX_FILES)
 
 
-def test_load_dataset_cache_keyed_by_source_files(tmp_path):
-    folder = make_folder(tmp_path / "m")
+def test_load_dataset_cache_keyed_by_content_not_names_sizes_or_times(tmp_path):
+    folder = make_folder(tmp_path / "m", gz=False)
     load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx")
-    make_folder(folder, train_labels=[9, 9, 9, 9, 9, 9])  # the data changed on disk
-    os.utime(folder / f"{STEMS[1]}.gz", ns=(1, 1))
+    labels = folder / STEMS[1]
+    stat = labels.stat()
+    make_folder(folder, gz=False, train_labels=[9, 9, 9, 9, 9, 9])  # same size, other bytes
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
+    assert labels.stat().st_size == stat.st_size
     ds = load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx")
     assert ds.source == "idx" and ds.train_labels.tolist() == [9] * 6
+    # The same bytes elsewhere, under another time, are the same data: a cache hit.
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    os.utime(moved / STEMS[1], ns=(1, 1))
+    again = load_dataset("mnist", moved, cache_dir=tmp_path / "c", source="idx")
+    assert again.source == "cache" and again.train_labels.tolist() == [9] * 6
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"junk"], ids=["cut", "junk"])
@@ -330,7 +338,7 @@ def test_load_dataset_interrupted_cache_write_leaves_nothing(tmp_path, monkeypat
     else:
         with pytest.raises(KeyboardInterrupt):
             load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx")
-    assert list((tmp_path / "c").iterdir()) == []  # no cache, no temp file
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [".mnist.lock"]  # no cache, no temp
     monkeypatch.undo()
     assert load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx").source == "idx"
     assert load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx").source == "cache"
@@ -434,22 +442,40 @@ def test_mnist_via_tfds(mnist):
     assert np.bincount(mnist.train_labels).tolist() == MNIST_TRAIN_COUNTS
 
 
+def file_order_labels(folder: Path, stem: str, n: int = 10) -> list[int]:
+    """The first ``n`` labels of an archive, read by hand: the official file order."""
+    return list(gzip.decompress((folder / f"{stem}.gz").read_bytes())[8 : 8 + n])
+
+
 @pytest.mark.realdata
-def test_idx_reader_matches_tfds_up_to_order(mnist, mnist_dir):
-    idx = load_idx_folder(mnist_dir)
-    assert idx.source == "idx"
-    assert np.bincount(idx.train_labels).tolist() == MNIST_TRAIN_COUNTS
-    assert idx.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # official order
-    assert _pairs(idx.test_images, idx.test_labels) == _pairs(mnist.test_images, mnist.test_labels)
-    assert _pairs(idx.train_images, idx.train_labels) == _pairs(mnist.train_images, mnist.train_labels)
+def test_tfds_route_returns_the_official_file_order(mnist, mnist_dir):
+    assert mnist.source == "tfds"
+    assert mnist.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # Keras, torchvision
+    assert mnist.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert mnist.test_labels[:30].tolist() == file_order_labels(mnist_dir, STEMS[3], 30)
+    idx = load_idx_folder(mnist_dir)  # the whole of both splits, element for element
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(mnist, field), getattr(idx, field))
+
+
+@pytest.mark.realdata
+def test_tfds_store_holds_the_same_examples_shuffled(mnist, data_cache_dir):
+    # tfds is in the loop: its prepared store holds exactly these examples, in its own order.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    (test_x, test_y), = tfds.as_numpy(tfds.load("mnist", split=["test"], data_dir=str(
+        data_cache_dir / "tfds"), batch_size=-1, as_supervised=True, download=False))
+    assert _pairs(test_x[..., 0], test_y) == _pairs(mnist.test_images, mnist.test_labels)
+    assert test_y[:10].tolist() != mnist.test_labels[:10].tolist()
 
 
 @pytest.mark.realdata
 def test_second_load_comes_from_cache(mnist, mnist_dir, data_cache_dir):
     again = load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir)
     assert again.source == "cache"
-    np.testing.assert_array_equal(again.test_images, mnist.test_images)
-    np.testing.assert_array_equal(again.train_labels, mnist.train_labels)
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(mnist, field))
+    assert again.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert again.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 
 
 @pytest.mark.realdata
@@ -478,3 +504,55 @@ def test_fashion_mnist_auto_falls_back_to_idx(fashion_dir, tmp_path):
     assert ds.train_images.shape == (60000, 28, 28) and ds.test_images.shape == (10000, 28, 28)
     assert np.bincount(ds.train_labels).tolist() == [6000] * 10
     assert np.bincount(ds.test_labels).tolist() == [1000] * 10
+    for split, stem in (("train", STEMS[1]), ("test", STEMS[3])):  # the official file order
+        assert getattr(ds, f"{split}_labels")[:30].tolist() == file_order_labels(fashion_dir, stem, 30)
+    cached = load_dataset("fashion_mnist", fashion_dir, cache_dir=tmp_path)
+    assert cached.source == "cache"
+    np.testing.assert_array_equal(cached.train_labels, ds.train_labels)
+    np.testing.assert_array_equal(cached.test_images, ds.test_images)
+
+
+@pytest.mark.realdata
+def test_a_folder_of_other_valid_archives_is_read_as_it_is(mnist, mnist_dir, data_cache_dir, tmp_path):
+    # Issue #11: official MNIST is prepared in data_cache_dir (warm tfds store, warm cache);
+    # a copy with 6,000 training labels changed must come back with ITS labels.
+    copy = tmp_path / "mnist"
+    copy.mkdir()
+    for stem in STEMS:
+        (copy / f"{stem}.gz").write_bytes((mnist_dir / f"{stem}.gz").read_bytes())
+    labels = mnist.train_labels.copy()
+    labels[:6000] = (labels[:6000] + 1) % 10
+    write_idx(copy / f"{STEMS[1]}.gz", labels)
+    with pytest.warns(UserWarning, match="not the official mnist"):
+        ds = load_dataset("mnist", copy, cache_dir=data_cache_dir)
+    assert ds.source == "idx"
+    np.testing.assert_array_equal(ds.train_labels, labels)
+    np.testing.assert_array_equal(ds.train_images, mnist.train_images)
+    again = load_dataset("mnist", copy, cache_dir=data_cache_dir)
+    assert again.source == "cache"
+    np.testing.assert_array_equal(again.train_labels, labels)
+    official = load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir)
+    np.testing.assert_array_equal(official.train_labels, mnist.train_labels)
+    with pytest.raises(DataError, match="not the official"):
+        load_dataset("mnist", copy, cache_dir=data_cache_dir, source="tfds")
+
+
+def test_tfds_is_not_asked_about_a_folder_read_with_the_idx_reader(tmp_path, monkeypatch):
+    # Only official bytes go through tfds: a synthetic .gz folder never reaches tfds.load.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    folder = make_folder(tmp_path / "m")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("tfds.load called for archives that are not the official ones")
+
+    monkeypatch.setattr(tfds, "load", no_load)
+    with pytest.warns(UserWarning, match="not the official"):
+        assert load_dataset("mnist", folder, cache_dir=tmp_path / "c").source == "idx"
+
+
+def test_registered_checksums_are_tfds_own():
+    pytest.importorskip("tensorflow_datasets")
+    sums = data.registered_checksums("mnist")
+    assert sorted(sums) == sorted(f"{s}.gz" for s in STEMS)
+    assert all(len(v) == 64 and int(v, 16) >= 0 for v in sums.values())
+    assert sums != data.registered_checksums("fashion_mnist")

@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax.dropout import _key_words, _lowbias32
+from mnist_jax.dropout import key_words, lowbias32
 from mnist_jax.errors import UsageError
 
 __all__ = [
@@ -249,11 +249,11 @@ def elastic_noise(key: jax.Array, batch: int, height: int, width: int) -> jax.Ar
     the hash ~0.2 ms.  24 bits per value, so values lie on a grid of ``2**-23``.
     """
     keys = _image_keys(key, batch, _ELASTIC)
-    words = jax.vmap(_key_words)(keys)  # (batch, 2) uint32
+    words = jax.vmap(key_words)(keys)  # (batch, 2) uint32
     k0 = words[:, 0].reshape(batch, 1, 1, 1)
     k1 = words[:, -1].reshape(batch, 1, 1, 1)
     index = jax.lax.iota(jnp.uint32, 2 * height * width).reshape(1, 2, height, width)
-    bits = _lowbias32(_lowbias32(index ^ k0) + k1) >> 8
+    bits = lowbias32(lowbias32(index ^ k0) + k1) >> 8
     return bits.astype(jnp.float32) * (2.0 / 2**24) - 1.0
 
 

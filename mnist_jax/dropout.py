@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Dropout", "hash_keep_mask"]
+__all__ = ["Dropout", "hash_keep_mask", "key_words", "lowbias32"]
 
 
-def _lowbias32(v: jax.Array) -> jax.Array:
+def lowbias32(v: jax.Array) -> jax.Array:
     v = v ^ (v >> 16)
     v = v * jnp.uint32(0x7FEB352D)
     v = v ^ (v >> 15)
@@ -37,7 +37,7 @@ def _lowbias32(v: jax.Array) -> jax.Array:
     return v ^ (v >> 16)
 
 
-def _key_words(key: jax.Array) -> jax.Array:
+def key_words(key: jax.Array) -> jax.Array:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return key.reshape(-1).astype(jnp.uint32)
@@ -50,10 +50,10 @@ def hash_keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> 
         size *= d
     if size >= 2**32:
         return jax.random.bernoulli(key, keep_prob, shape)
-    words = _key_words(key)
+    words = key_words(key)
     k0, k1 = words[0], words[-1]
     index = lax.iota(jnp.uint32, size).reshape(shape)
-    h = _lowbias32(_lowbias32(index ^ k0) + k1)
+    h = lowbias32(lowbias32(index ^ k0) + k1)
     threshold = min(int(round(keep_prob * 2**32)), 2**32 - 1)
     return h < jnp.uint32(threshold)
 

@@ -1,8 +1,11 @@
 """Data parallelism with JAX's own sharding: a 1-D ``data`` mesh over the devices.
 
-Params and optimizer state are replicated; every global batch is split along the
-``data`` axis. One jit-compiled program runs on all devices (no ``pmap``) and
-XLA inserts the gradient all-reduce.
+Params, optimizer state and the model's collections (BatchNorm's ``batch_stats``) are
+replicated; every global batch is split along the ``data`` axis. One jit-compiled
+program runs on all devices (no ``pmap``) and XLA inserts the collectives: the
+gradient all-reduce, and for BatchNorm the reductions of its batch mean and variance,
+which are therefore statistics of the *global* batch, whatever the number of devices or
+processes (what a single device computes, up to float summation order).
 """
 
 from __future__ import annotations
@@ -154,13 +157,15 @@ class ProcessLocalEpoch:
     with the full training set as host arrays on every process.
     """
 
-    def __init__(self, mesh: Mesh, batch_size: int, num_models: int = 1):
+    def __init__(self, mesh: Mesh, batch_size: int, num_models: int = 1, options: Any = None):
         from mnist_jax import training
+        options = options if options is not None else training.StepOptions()
         self.batch_size, self.num_models = batch_size, num_models
         self.axis = 1 if num_models == 1 else 2  # (steps, B, ...) or (models, steps, B, ...)
         self.sharding = batch_sharding(mesh, self.axis)
         perm = functools.partial(training.epoch_permutation, batch_size=batch_size)
-        run = functools.partial(training.run_steps, batch_sharding=batch_sharding(mesh))
+        run = functools.partial(training.run_steps, batch_sharding=batch_sharding(mesh),
+                                options=options)
         if num_models > 1:  # the same model axis as the single-process epoch
             axis = training.default_model_axis()
             perm = training.over_models(perm, 1, axis)

@@ -11,6 +11,13 @@ derived from the state's ``rng`` and ``step``, so
 * several runs are one program over a stacked state (seeds, lrs): ``jax.vmap``, or
   on CPU ``lax.map`` (see :func:`default_model_axis`).
 
+Any Flax module called as ``model.apply(variables, images, train=...)`` on float32
+images (B, 28, 28) in [0, 1], returning logits, trains here. Its collections other
+than ``params`` (e.g. BatchNorm's ``batch_stats``) ride in :attr:`TrainState.model_state`:
+updated by every training step, used by evaluation, checkpointed and stacked per model
+with the rest of the state. What a step computes besides the model (the loss, the
+on-device augmentation) is a hashable :class:`StepOptions`, fixed when compiling.
+
 Sharding over devices is XLA's: params are replicated and the batch axis is
 constrained to the ``data`` axis of a mesh (see :mod:`mnist_jax.parallel`).
 """
@@ -30,17 +37,54 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from mnist_jax.config import SCHEDULES
+from flax import struct
+
+from mnist_jax import augment as augment_lib
+from mnist_jax.config import OPTIMIZERS, SCHEDULES
+from mnist_jax.errors import UsageError
 
 
 # fold_in tags that keep the RNG streams of a run apart.
-_INIT, _DROPOUT, _SHUFFLE = 0, 1, 2
+_INIT, _DROPOUT, _SHUFFLE, _AUGMENT = 0, 1, 2, 3
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the run's root RNG key (raw ``uint32[2]``)."""
+    """Flax's TrainState plus the run's root RNG key (raw ``uint32[2]``) and the model's
+    mutable collections (``{"batch_stats": ...}`` for BatchNorm; ``{}`` for none)."""
 
     rng: jax.Array
+    model_state: Any = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """What ``model.apply`` takes: ``{"params": ..., **model_state}``."""
+        return {"params": self.params, **self.model_state}
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+    """Softmax cross-entropy on integer labels, per example; ``label_smoothing`` mixes
+    the one-hot target with the uniform distribution (0: the exact loss)."""
+
+    label_smoothing: float = 0.0
+
+    def __call__(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        if not self.label_smoothing:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
+                                      self.label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The static parts of a training step: the per-example ``loss(logits, labels)``
+    and the augmentation drawn on the device (None: none). Hashable, so that one
+    compiled program serves every call with equal options."""
+
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = CrossEntropy()
+    augment: augment_lib.AugmentSpec | None = None
 
 
 class EpochMetrics(NamedTuple):
@@ -52,46 +96,97 @@ class EpochMetrics(NamedTuple):
 
 
 def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7, schedule: str = "constant",
-                   decay_steps: int | None = None) -> optax.GradientTransformation:
-    """Adam with Keras' defaults; the learning rate is a state hyperparameter so
-    that a vmapped sweep can give every model its own.
+                   decay_steps: int | None = None, *, name: str = "adam",
+                   betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                   momentum: float = 0.0, warmup: float = 0.0) -> optax.GradientTransformation:
+    """Keras' Adam by default (``name="adam"``, eps 1e-7), or AdamW / SGD; the learning
+    rate is an injected hyperparameter so that a sweep can give every model its own.
 
-    ``schedule="cosine"`` scales every update by a cosine decay from 1 to 0 over
-    ``decay_steps`` (the whole run), so the learning rate ends at zero.
+    ``schedule`` scales every update over ``decay_steps`` (the whole run):
+    ``"cosine"``: cosine decay from 1 to 0 (after a linear warm-up over the first
+    ``warmup`` fraction, if any); ``"onecycle"``: the one-cycle policy (up from 1/25
+    over ``warmup`` of the run, default 0.25, then cosine down to 1/25e4).
     """
-    adam = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=eps)
+    if name == "adam":
+        base = optax.inject_hyperparams(optax.adam)(
+            learning_rate=learning_rate, b1=betas[0], b2=betas[1], eps=eps)
+    elif name == "adamw":
+        base = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=learning_rate, b1=betas[0], b2=betas[1], eps=eps,
+            weight_decay=weight_decay)
+    elif name == "sgd":
+        base = optax.inject_hyperparams(optax.sgd)(
+            learning_rate=learning_rate, momentum=momentum or None)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     if schedule == "constant":
-        return adam
+        return base
+    if not decay_steps or decay_steps < 1:
+        raise ValueError(f"the {schedule} schedule needs decay_steps >= 1, got {decay_steps}")
     if schedule == "cosine":
-        if not decay_steps or decay_steps < 1:
-            raise ValueError(f"the cosine schedule needs decay_steps >= 1, got {decay_steps}")
-        return optax.chain(adam, optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, decay_steps)))
-    raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        warm = int(round(warmup * decay_steps))
+        multiplier = (optax.warmup_cosine_decay_schedule(0.0, 1.0, warm, decay_steps)
+                      if warm else optax.cosine_decay_schedule(1.0, decay_steps))
+    elif schedule == "onecycle":
+        multiplier = optax.cosine_onecycle_schedule(decay_steps, 1.0, pct_start=warmup or 0.25)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    return optax.chain(base, optax.scale_by_schedule(multiplier))
+
+
+def _is_injected(x: Any) -> bool:
+    # optax.inject_hyperparams' state (InjectStatefulHyperparamsState in newer optax):
+    # a tuple with a ``hyperparams`` dict.
+    return isinstance(x, tuple) and isinstance(getattr(x, "hyperparams", None), dict)
+
+
+def injected_hyperparams(opt_state: Any) -> dict[str, jax.Array] | None:
+    """The hyperparameters dict of the first ``optax.inject_hyperparams`` state inside
+    ``opt_state`` (any nesting of chains), or None when the optimizer injects none."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(x)]
+    return found[0].hyperparams if found else None
 
 
 def adam_hyperparams(opt_state) -> dict[str, jax.Array]:
-    """The injected Adam hyperparameters (``learning_rate``, ``eps``) of an optimizer state
+    """The injected hyperparameters (``learning_rate``, ``eps``, …) of an optimizer state
     from :func:`make_optimizer`, with or without a schedule."""
-    return (opt_state if hasattr(opt_state, "hyperparams") else opt_state[0]).hyperparams
+    hp = injected_hyperparams(opt_state)
+    if hp is None:
+        raise ValueError("the optimizer state has no injected hyperparameters")
+    return hp
+
+
+def exposes_learning_rate(tx: optax.GradientTransformation) -> bool:
+    """Whether ``tx``'s state carries an injected ``learning_rate`` that a sweep can set."""
+    hp = injected_hyperparams(jax.eval_shape(tx.init, {"w": jnp.zeros(())}))
+    return hp is not None and "learning_rate" in hp
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                        learning_rate: float | None = None, input_shape=(1, 28, 28)) -> TrainState:
-    """A fresh state: params initialised from ``seed``, optimizer state, step 0.
+    """A fresh state: variables initialised from ``seed``, optimizer state, step 0.
 
-    ``learning_rate`` overrides the one ``tx`` (from :func:`make_optimizer`) was
-    made with; states that share ``tx`` can then be stacked into one sweep.
+    ``learning_rate`` overrides the one ``tx`` was made with (its injected
+    ``learning_rate``, see :func:`make_optimizer`); states that share ``tx`` can then
+    be stacked into one sweep. Collections other than ``params`` (BatchNorm's
+    ``batch_stats``) become the state's ``model_state``.
     """
     rng = jax.random.PRNGKey(seed)
-    params = model.init(jax.random.fold_in(rng, _INIT), jnp.zeros(input_shape),
-                        train=False)["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+    variables = dict(model.init(jax.random.fold_in(rng, _INIT), jnp.zeros(input_shape),
+                                train=False))
+    params = variables.pop("params")
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                              model_state=variables)
     # Flax starts ``step`` as the Python int 0; make it the int32 array that every later
     # state holds, so that a fresh state is a faithful restore template (a Python int
     # would come back from a checkpoint as int64 and fail its checksum).
     state = state.replace(step=jnp.zeros((), jnp.int32))
     if learning_rate is not None:
-        adam_hyperparams(state.opt_state)["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        hp = injected_hyperparams(state.opt_state)
+        if hp is None or "learning_rate" not in hp:
+            raise UsageError("this optimizer does not expose its learning rate (wrap it in "
+                             "optax.inject_hyperparams) so it cannot be set per model")
+        hp["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return state
 
 
@@ -110,24 +205,41 @@ def _prepare(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One Adam step on a batch of uint8 images; returns the new state and batch metrics."""
+def _apply(state: TrainState, x: jax.Array, *, train: bool, rngs=None):
+    """``model.apply`` on the state's variables → (logits, new model_state)."""
+    if train and state.model_state:
+        return state.apply_fn(state.variables, x, train=True, rngs=rngs,
+                              mutable=list(state.model_state))
+    return state.apply_fn(state.variables, x, train=train, rngs=rngs), state.model_state
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+               options: StepOptions = StepOptions()) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
+
+    The step's dropout and augmentation keys are the state's rng folded with the step,
+    so a step is a pure function of the state and the batch.
+    """
     dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT), state.step)
+    x = _prepare(images)
+    if options.augment is not None and options.augment.enabled:
+        augment_key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT), state.step)
+        x = augment_lib.augment(augment_key, x, options.augment)
 
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, _prepare(images), train=True,
-                                rngs={"dropout": dropout_key})
-        loss, correct = _loss_and_accuracy(logits, labels)
-        return loss.mean(), correct.mean()
+        logits, model_state = _apply(state.replace(params=params), x, train=True,
+                                     rngs={"dropout": dropout_key})
+        loss = options.loss(logits, labels)
+        return loss.mean(), (_correct(logits, labels).mean(), model_state)
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+    (loss, (accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    state = state.apply_gradients(grads=grads).replace(model_state=model_state)
+    return state, {"loss": loss, "accuracy": accuracy}
 
 
 def epoch_permutation(state: TrainState, num_examples: int, batch_size: int) -> jax.Array:
@@ -144,7 +256,8 @@ def epoch_permutation(state: TrainState, num_examples: int, batch_size: int) -> 
 
 
 def run_steps(state: TrainState, batches_x: jax.Array, batches_y: jax.Array,
-              batch_sharding: NamedSharding | None = None) -> tuple[TrainState, EpochMetrics]:
+              batch_sharding: NamedSharding | None = None,
+              options: StepOptions = StepOptions()) -> tuple[TrainState, EpochMetrics]:
     """Scan :func:`train_step` over pre-gathered batches ``(steps, B, ...)``."""
 
     def body(state, batch):
@@ -152,7 +265,7 @@ def run_steps(state: TrainState, batches_x: jax.Array, batches_y: jax.Array,
         if batch_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, batch_sharding)
             y = jax.lax.with_sharding_constraint(y, batch_sharding)
-        return train_step(state, x, y)
+        return train_step(state, x, y, options)
 
     state, m = jax.lax.scan(body, state, (batches_x, batches_y))
     finite = jnp.isfinite(m["loss"])
@@ -161,10 +274,12 @@ def run_steps(state: TrainState, batches_x: jax.Array, batches_y: jax.Array,
 
 
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, batch_size: int,
-                batch_sharding: NamedSharding | None = None) -> tuple[TrainState, EpochMetrics]:
-    """One whole epoch as a pure function: shuffle on the device, then scan the steps."""
+                batch_sharding: NamedSharding | None = None,
+                options: StepOptions = StepOptions()) -> tuple[TrainState, EpochMetrics]:
+    """One whole epoch as a pure function: shuffle on the device, then scan the steps
+    (each augmenting its batch on the device when ``options.augment`` says so)."""
     idx = epoch_permutation(state, images.shape[0], batch_size)
-    return run_steps(state, images[idx], labels[idx], batch_sharding)
+    return run_steps(state, images[idx], labels[idx], batch_sharding, options)
 
 
 def _pad_to_batches(n: int, batch_size: int) -> tuple[int, int]:
@@ -172,9 +287,9 @@ def _pad_to_batches(n: int, batch_size: int) -> tuple[int, int]:
     return steps, steps * batch_size - n
 
 
-def _batched_apply(apply_fn: Callable, params: Any, images: jax.Array, batch_size: int,
+def _batched_apply(state: TrainState, images: jax.Array, batch_size: int,
                    out_fn: Callable) -> Any:
-    """Apply the model to ``images`` in fixed-size batches under ``lax.map``.
+    """Apply the model (inference mode) to ``images`` in fixed-size batches under ``lax.map``.
 
     Pads the tail batch so every batch has the same shape; ``out_fn(logits)`` is
     applied per batch and the padding is cut off again.
@@ -183,21 +298,33 @@ def _batched_apply(apply_fn: Callable, params: Any, images: jax.Array, batch_siz
     steps, pad = _pad_to_batches(n, batch_size)
     x = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     x = x.reshape(steps, batch_size, *images.shape[1:])
-    out = jax.lax.map(lambda b: out_fn(apply_fn({"params": params}, _prepare(b), train=False)), x)
+    out = jax.lax.map(lambda b: out_fn(_apply(state, _prepare(b), train=False)[0]), x)
     return jax.tree.map(lambda o: o.reshape(steps * batch_size, *o.shape[2:])[:n], out)
+
+
+KERAS_EPSILON = 1e-7
+"""Keras' ``categorical_crossentropy`` clips probabilities to [eps, 1 - eps]."""
 
 
 def eval_metrics(state: TrainState, images: jax.Array, labels: jax.Array,
                  batch_size: int = 1000) -> dict[str, jax.Array]:
-    """Mean cross-entropy loss and accuracy of ``state`` on a whole labelled set."""
-    logits = _batched_apply(state.apply_fn, state.params, images, batch_size, lambda lg: lg)
-    loss, correct = _loss_and_accuracy(logits, labels)
-    return {"loss": loss.mean(), "accuracy": correct.mean()}
+    """Mean cross-entropy loss and accuracy of ``state`` on a whole labelled set.
+
+    ``loss`` is the exact cross-entropy; ``keras_loss`` is the figure Keras'
+    ``evaluate`` reports, with probabilities clipped to [1e-7, 1 - 1e-7] (so no
+    example counts more than -log 1e-7 = 16.1).
+    """
+    logits = _batched_apply(state, images, batch_size, lambda lg: lg.astype(jnp.float32))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    p_true = jnp.take_along_axis(jax.nn.softmax(logits, -1), labels[:, None], -1)[:, 0]
+    keras = -jnp.log(jnp.clip(p_true, KERAS_EPSILON, 1.0 - KERAS_EPSILON))
+    return {"loss": loss.mean(), "accuracy": _correct(logits, labels).mean(),
+            "keras_loss": keras.mean()}
 
 
 def predict_probs(state: TrainState, images: jax.Array, batch_size: int = 1000) -> jax.Array:
     """Softmax class probabilities (N, 10) for uint8 images (N, 28, 28)."""
-    return _batched_apply(state.apply_fn, state.params, images, batch_size,
+    return _batched_apply(state, images, batch_size,
                           lambda lg: jax.nn.softmax(lg.astype(jnp.float32), -1))
 
 
@@ -249,10 +376,12 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
 
 def compile_fns(batch_size: int, num_models: int,
                 batch_sharding: NamedSharding | None = None,
-                model_axis: str | None = None) -> CompiledFns:
+                model_axis: str | None = None,
+                options: StepOptions = StepOptions()) -> CompiledFns:
     """jit the pure functions; over the model axis when ``num_models > 1``, as
     ``model_axis`` says (default: :func:`default_model_axis`)."""
-    epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding)
+    epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding,
+                              options=options)
     evaluate, predict = eval_metrics, predict_probs
     if num_models > 1:
         axis = model_axis or default_model_axis()

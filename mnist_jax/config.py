@@ -2,7 +2,9 @@
 
 Every field of :class:`TrainConfig` becomes a ``mnist-jax train`` flag in
 :func:`add_config_flags`; :func:`config_from_args` turns parsed flags back into a
-validated config. Nothing else in the package defines training flags.
+validated config: the named recipe's values (:data:`RECIPES`, ``--recipe``), then every
+flag given on the command line over them. Nothing else in the package defines
+training flags.
 """
 
 from __future__ import annotations
@@ -14,11 +16,32 @@ from typing import Any
 
 from mnist_jax.errors import UsageError
 
-MODELS = ("mlp", "cnn", "convnet")  # models.MODEL_NAMES, without importing jax here
+MODELS = ("mlp", "cnn", "convnet", "smallcnn", "bncnn")  # models.MODEL_NAMES, jax-free
 DATASETS = ("mnist", "fashion_mnist")
 IMPLS = ("auto", "fast", "xla")
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "onecycle")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The Keras tutorial: the 784-784-10 MLP, Adam(1e-3), 100 epochs at batch 128.
+    "tutorial": {},
+    # The classic Keras MNIST convnet, 12 epochs (keras.io's mnist_cnn.py).
+    "keras-cnn": {"model": "cnn", "epochs": 12},
+    # The one-epoch record (tuomaso/train_mnist_fast): a small CNN, standardised inputs,
+    # Adam(1e-2, betas 0.7/0.9) under PyTorch's OneCycleLR defaults, batch 256, 1 epoch.
+    "speedrun": {"model": "smallcnn", "epochs": 1, "batch_size": 256,
+                 "learning_rates": (1e-2,), "betas": (0.7, 0.9), "adam_eps": 1e-8,
+                 "lr_schedule": "onecycle", "warmup": 0.3},
+    # Towards the single-model records (99.64-99.74%): a BatchNorm CNN trained on
+    # augmented digits (random affine drawn on the device), label smoothing, one-cycle
+    # Adam. Chosen on a validation split of the training set (README: Results).
+    "best": {"model": "bncnn", "epochs": 30, "batch_size": 128, "learning_rates": (3e-3,),
+             "adam_eps": 1e-8, "lr_schedule": "onecycle", "warmup": 0.2,
+             "label_smoothing": 0.1, "augment": "rotation=10,scale=0.1,shear=5,translate=2.5"},
+}
+"""Named complete settings for ``--recipe`` / :meth:`TrainConfig.from_recipe`: each maps
+fields to values over :class:`TrainConfig`'s defaults (which are ``tutorial``)."""
 
 
 def _field(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
@@ -39,21 +62,39 @@ class TrainConfig:
     program (``jax.vmap`` over the train state) when there is more than one.
     """
 
-    model: str = _field("mlp", "model to train", choices=MODELS)
+    recipe: str = _field("tutorial", "named recipe whose values the other flags override",
+                         choices=tuple(RECIPES))
+    model: str = _field(
+        "mlp", f"model to train: {', '.join(MODELS)}, or a Flax module of yours as "
+        "path/to/file.py:ClassName or package.module:ClassName")
+    model_args: str | None = _field(
+        None, "JSON object of constructor arguments for a --model of yours")
     dataset: str = _field("mnist", "dataset to train on", choices=DATASETS)
     data_dir: str | None = _field(
-        None, "folder with the IDX archives (default: $MNIST_JAX_DATA_DIR)")
+        None, "folder with the IDX archives (default: $MNIST_JAX_DATA_DIR; neither: download "
+              "the official archives into the cache)")
     epochs: int = _field(100, "number of epochs")
     batch_size: int = _field(128, "global batch size (split across devices)")
     seeds: tuple[int, ...] = _field(
         (0,), "random seed, or a comma-separated list to train one model per seed",
         flag="--seeds", aliases=("--seed",))
+    optimizer: str = _field("adam", "optimizer (optax)", choices=OPTIMIZERS)
     learning_rates: tuple[float, ...] = _field(
-        (1e-3,), "Adam learning rate, or a comma-separated list for a sweep", flag="--lr")
+        (1e-3,), "learning rate, or a comma-separated list for a sweep", flag="--lr")
     adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default)")
+    betas: tuple[float, ...] = _field((0.9, 0.999), "Adam's beta1,beta2")
+    weight_decay: float = _field(0.0, "decoupled weight decay of adamw")
+    momentum: float = _field(0.0, "momentum of sgd")
     lr_schedule: str = _field(
-        "constant", "learning-rate schedule: constant (Keras' default), or cosine decay to 0 "
-        "over the run's --epochs", choices=SCHEDULES)
+        "constant", "learning-rate schedule over the run's --epochs: constant (Keras' "
+        "default), cosine decay to 0, or onecycle (PyTorch's OneCycleLR)", choices=SCHEDULES)
+    warmup: float = _field(0.0, "fraction of the run spent warming up (cosine: linear "
+                                "warm-up; onecycle: its rising part, default 0.25)")
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy")
+    augment: str = _field(
+        "none", "augmentation drawn on the device, e.g. "
+        "rotation=10,scale=0.1,shear=5,translate=2.5,elastic=0 (degrees, fraction, degrees, "
+        "pixels, pixels), or none")
     validation_split: float = _field(
         0.0, "fraction of the training data held out for validation (last part, as Keras)")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
@@ -80,6 +121,17 @@ class TrainConfig:
         from mnist_jax.data import training_count
         kept = training_count(train_examples, self.validation_split)
         return self.epochs * (kept // self.batch_size)
+
+    @classmethod
+    def from_recipe(cls, name: str = "tutorial", **overrides: Any) -> "TrainConfig":
+        """The named recipe (:data:`RECIPES`) with ``overrides`` on top, validated."""
+        if name not in RECIPES:
+            raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], "recipe": name, **overrides}).validate()
+
+    @property
+    def is_builtin_model(self) -> bool:
+        return self.model in MODELS
 
     def model_kwargs(self) -> dict[str, Any]:
         """Overrides passed to :func:`mnist_jax.models.create_model`."""
@@ -113,6 +165,26 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise bad(_flag(f), value, f"choose from {', '.join(choices)}")
+        if self.model not in MODELS and ":" not in self.model:
+            raise bad("--model", self.model, f"choose from {', '.join(MODELS)}, or give "
+                      "path/to/file.py:ClassName or package.module:ClassName")
+        if self.model_args is not None:
+            import json
+            try:
+                if not isinstance(json.loads(self.model_args), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise bad("--model-args", self.model_args, f"expected a JSON object ({e})")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise bad("--betas", self.betas, "expected two numbers in [0, 1)")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--momentum", self.momentum)):
+            if not math.isfinite(value) or value < 0:
+                raise bad(flag, value, "must be a non-negative finite number")
+        for flag, value in (("--warmup", self.warmup), ("--label-smoothing", self.label_smoothing)):
+            if not 0.0 <= value < 1.0:
+                raise bad(flag, value, "must be in [0, 1)")
+        from mnist_jax.augment import AugmentSpec
+        AugmentSpec.parse(self.augment)  # raises UsageError naming the bad part
         if self.epochs < 1:
             raise bad("--epochs", self.epochs, "must be at least 1")
         if self.batch_size < 1:
@@ -178,15 +250,30 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if shown not in (None, ""):
             help_text += f" (default: {shown})"
+        if f.name == "recipe":
+            help_text += ": " + "; ".join(f"{name} ({_recipe_text(values)})"
+                                          for name, values in RECIPES.items())
+        # SUPPRESS: only the flags given on the command line reach config_from_args,
+        # so that they, and only they, override the recipe's values.
         group.add_argument(_flag(f), *f.metadata["aliases"], dest=f.name,
                            type=_parser_for(f), choices=f.metadata["choices"],
-                           default=default, help=help_text, metavar=None if
-                           f.metadata["choices"] else f.name.upper())
+                           default=argparse.SUPPRESS, help=help_text.replace("%", "%%"),
+                           metavar=None if f.metadata["choices"] else f.name.upper())
+
+
+def _recipe_text(values: dict[str, Any]) -> str:
+    if not values:
+        return "the defaults"
+    return " ".join(f"{_flag(_FIELDS[k])} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in values.items())
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from parsed flags."""
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-          if hasattr(args, f.name)}
+    """Build and validate a :class:`TrainConfig`: ``--recipe``'s values (default
+    ``tutorial``), then the flags given on the command line, then ``overrides``."""
+    kw = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     kw.update(overrides)
-    return TrainConfig(**kw).validate()
+    return TrainConfig.from_recipe(kw.pop("recipe", "tutorial"), **kw)

@@ -22,7 +22,9 @@ from mnist_jax import data as data_lib
 from mnist_jax import models, parallel
 from mnist_jax.config import TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError
-from mnist_jax.training import (CompiledFns, TrainState, compile_fns, create_train_state, make_optimizer,
+from mnist_jax.augment import AugmentSpec
+from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
+                                create_train_state, exposes_learning_rate, make_optimizer,
                                 stack_states, to_host)
 
 
@@ -67,24 +69,53 @@ def state_step(state: TrainState) -> int:
 
 
 def build_model(config: TrainConfig):
-    """The Flax module that ``config`` describes."""
+    """The Flax module that ``config`` describes: a preset, or the user's module that
+    ``config.model`` names (``file.py:Class`` / ``package.module:Class``)."""
+    if not config.is_builtin_model:
+        from mnist_jax.usermodel import build_user_model
+        return build_user_model(config.model, config.model_args)
     return models.create_model(config.model, **config.model_kwargs())
 
 
-def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES) -> TrainState:
+def build_optimizer(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES):
+    """The optax optimizer that ``config`` describes (its first learning rate; a sweep
+    sets each model's own in its state). ``train_examples`` (before the validation
+    split) sets the length of a scheduled run."""
+    # (at least 1 step: a batch larger than the data is refused later, with its own message)
+    return make_optimizer(config.learning_rates[0], config.adam_eps, config.lr_schedule,
+                          max(1, config.total_steps(train_examples)), name=config.optimizer,
+                          betas=tuple(config.betas), weight_decay=config.weight_decay,
+                          momentum=config.momentum, warmup=config.warmup)
+
+
+def step_options(config: TrainConfig, loss: Callable | None = None) -> StepOptions:
+    """The loss and augmentation of ``config``'s training step (``loss`` overrides the
+    cross-entropy)."""
+    spec = AugmentSpec.parse(config.augment)
+    return StepOptions(loss=loss if loss is not None else CrossEntropy(config.label_smoothing),
+                       augment=spec if spec.enabled else None)
+
+
+def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES, *,
+               model=None, optimizer=None) -> TrainState:
     """Fresh train state(s): one per (seed, learning rate), stacked when several.
 
-    ``train_examples`` (the training set before the validation split) sets the length
-    of a ``cosine`` learning-rate schedule; a ``constant`` one ignores it.
+    ``model`` (any Flax module) and ``optimizer`` (any ``optax.GradientTransformation``)
+    replace the ones ``config`` describes. With a user's optimizer, a learning-rate sweep
+    needs it to expose its rate (``optax.inject_hyperparams``); a single rate leaves it as
+    it was built. ``train_examples`` (the training set before the validation split) sets
+    the length of a scheduled learning rate.
     """
-    model = build_model(config)
-    # (at least 1 step: a batch larger than the data is refused later, with its own message)
-    tx = make_optimizer(config.learning_rates[0], config.adam_eps, config.lr_schedule,
-                        max(1, config.total_steps(train_examples)))
+    model = model if model is not None else build_model(config)
+    tx = optimizer if optimizer is not None else build_optimizer(config, train_examples)
+    set_lr = optimizer is None or len(config.learning_rates) > 1
+    if optimizer is not None and set_lr and not exposes_learning_rate(optimizer):
+        raise UsageError("--lr sweep: the optimizer does not expose its learning rate; "
+                         "build it with optax.inject_hyperparams(...)(learning_rate=...)")
     # One compiled program, not op by op: eager initialisation dispatches hundreds of small
     # ops (~5 s for the MLP, ~12 s for the CNN on CPU); seed and rate are traced, so every
     # model of a sweep reuses it. Every leaf comes out a device array (step: int32).
-    create = jax.jit(lambda seed, lr: create_train_state(model, tx, seed, lr))
+    create = jax.jit(lambda seed, lr: create_train_state(model, tx, seed, lr if set_lr else None))
     states = [create(m["seed"], np.float32(m["lr"])) for m in config.model_grid()]
     return states[0] if len(states) == 1 else stack_states(states)
 
@@ -151,7 +182,8 @@ def _mib(n: int) -> str:
 
 
 def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
-                        state: TrainState | None = None) -> dict[str, Any]:
+                        state: TrainState | None = None,
+                        options: StepOptions | None = None) -> dict[str, Any]:
     """Refuse, before anything is trained or written, a run that cannot start.
 
     Checks what :func:`fit` would find only later: the device count and the batch size
@@ -160,10 +192,11 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     train state and data —, outputs and temporaries such as the activations of a batch,
     plus the test/validation arrays) against :func:`available_memory`. Raises UsageError
     stating needed and available bytes. Compiling here costs nothing extra: ``fit`` with
-    the same ``state`` object reuses the program. Returns ``{"needed_bytes",
+    the same ``state`` (and step ``options``) reuses the program. Returns ``{"needed_bytes",
     "available_bytes", "memory_source", "compile_seconds"}``.
     """
     config = config.validate()
+    options = options if options is not None else step_options(config)
     mesh = parallel.make_data_mesh(config.devices)
     parallel.check_batch_size(config.batch_size, mesh)
     tx, ty, vx, vy = _split(dataset, config)
@@ -175,7 +208,8 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     state = parallel.replicate(state if state is not None
                                else init_state(config, len(dataset.train_labels)), mesh)
     fns = _compiled_fns(config.batch_size, config.num_models,
-                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)
+                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
+                        None, options)
     x = jax.ShapeDtypeStruct(tx.shape, np.uint8, sharding=rep)
     y = jax.ShapeDtypeStruct(ty.shape, np.int32, sharding=rep)
     t = time.perf_counter()
@@ -192,7 +226,7 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     info.update(needed_bytes=int(needed), available_bytes=available, memory_source=source)
     if available is not None and needed > available:
         raise UsageError(
-            f"--batch-size {config.batch_size} does not fit: training the {config.model} "
+            f"--batch-size {config.batch_size} does not fit: training the {model_name(config)} "
             f"({config.num_models} model(s)) needs about {_mib(needed)} of "
             f"{mesh.devices.flat[0].platform} memory, but {_mib(available)} are available "
             f"({source}); use a smaller --batch-size")
@@ -205,16 +239,27 @@ def _timed_compile(fn, *args) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - t
 
 
+def model_name(config: TrainConfig) -> str:
+    return config.model if config.is_builtin_model else config.model.rpartition(":")[2]
+
+
 def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
+        model=None, optimizer=None, loss: Callable | None = None,
         state: TrainState | None = None, history: Sequence[dict] = (),
         on_epoch: Callable[[int, TrainState, dict], None] | None = None) -> FitResult:
     """Train the model(s) of ``config``; resume from ``state``/``history`` if given.
 
-    ``on_epoch(epoch, state, row)`` is called after every epoch with the 1-based
-    epoch number, the new state and the metrics row (what ``metrics.jsonl`` holds).
-    Raises :class:`TrainingDiverged` (carrying the last good state) on a non-finite loss.
+    ``model`` (any Flax linen module, called as ``model.apply(variables, x, train=...)``
+    on float32 images (B, 28, 28) in [0, 1], returning logits), ``optimizer`` (any
+    ``optax.GradientTransformation``) and ``loss`` (``loss(logits, labels)`` → per-example
+    losses) replace what ``config`` describes; every seed of ``config.seeds`` trains its
+    own copy in the one compiled program. ``on_epoch(epoch, state, row)`` is called after
+    every epoch with the 1-based epoch number, the new state and the metrics row (what
+    ``metrics.jsonl`` holds). Raises :class:`TrainingDiverged` (carrying the last good
+    state) on a non-finite loss.
     """
     config = config.validate()
+    options = step_options(config, loss)
     t_start = time.perf_counter()
     if dataset is None:
         dataset = data_lib.load_dataset(config.dataset, config.data_dir)
@@ -225,12 +270,14 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     steps = n_train // config.batch_size
 
     if state is None:
-        state = init_state(config, len(dataset.train_labels))
+        state = init_state(config, len(dataset.train_labels), model=model, optimizer=optimizer)
     state = parallel.replicate(state, mesh)
     fns = _compiled_fns(config.batch_size, config.num_models,
-                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None)
+                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
+                        None, options)
     if jax.process_count() > 1:  # same program, batches assembled from every process
-        epoch_fn = parallel.ProcessLocalEpoch(mesh, config.batch_size, config.num_models)
+        epoch_fn = parallel.ProcessLocalEpoch(mesh, config.batch_size, config.num_models,
+                                              options)
         c_train = epoch_fn.compile(state, *dev.train)
     else:
         epoch_fn, c_train = _timed_compile(fns.train_epoch, state, *dev.train)
@@ -267,24 +314,41 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
 
     if not epoch_seconds:  # nothing left to train (a finished run resumed): evaluate once
         te = to_host(eval_fn(state, *dev.test))
-    test = {"loss": te["loss"], "accuracy": te["accuracy"]}
+    test = {"loss": te["loss"], "accuracy": te["accuracy"], "keras_loss": te["keras_loss"]}
+    if config.num_models > 1:
+        test["ensemble_accuracy"] = ensemble_accuracy(fns.predict(state, dev.test[0]),
+                                                      dev.test[1])
     timings = {"compile_seconds": c_train + c_eval, "train_compile_seconds": c_train,
                "epoch_seconds": epoch_seconds, "data_seconds": dataset.load_seconds,
                "fit_seconds": time.perf_counter() - t_start}
     return FitResult(config, state, history, test, timings, fns, dev)
 
 
+def ensemble_accuracy(probs: jax.Array, labels: jax.Array) -> float:
+    """Accuracy of the ensemble whose members' softmax probabilities are ``probs``
+    (models, N, classes): the class of the mean probability."""
+    mean = jnp.mean(jnp.asarray(probs), axis=0)
+    return float(jnp.mean(jnp.argmax(mean, -1) == jnp.asarray(labels)))
+
+
 def summarize_models(config: TrainConfig, test: dict[str, Any]) -> dict[str, Any]:
-    """Per-model test figures and their mean ± std (population std, ddof=0)."""
+    """Per-model test figures, their mean ± std (population std, ddof=0) and, for
+    several models, the ensemble's accuracy (mean of their softmax probabilities)."""
     losses = np.atleast_1d(test["loss"]).tolist()
     accs = np.atleast_1d(test["accuracy"]).tolist()
-    out: dict[str, Any] = {"test_loss": losses[0] if len(losses) == 1 else losses,
-                           "test_accuracy": accs[0] if len(accs) == 1 else accs}
+    keras = np.atleast_1d(test.get("keras_loss", np.nan)).tolist()
+    one = len(losses) == 1
+    out: dict[str, Any] = {"test_loss": losses[0] if one else losses,
+                           "test_accuracy": accs[0] if one else accs,
+                           "test_keras_loss": keras[0] if len(keras) == 1 else keras}
     if config.num_models > 1:
         out.update(test_accuracy_mean=float(np.mean(accs)), test_accuracy_std=float(np.std(accs)),
+                   test_accuracy_min=float(np.min(accs)),
                    test_loss_mean=float(np.mean(losses)), test_loss_std=float(np.std(losses)),
                    per_model=[dict(m, test_loss=l, test_accuracy=a)
                               for m, l, a in zip(config.model_grid(), losses, accs)])
+        if "ensemble_accuracy" in test:
+            out["ensemble_test_accuracy"] = test["ensemble_accuracy"]
     return out
 
 
@@ -295,8 +359,10 @@ def device_description() -> dict[str, Any]:
 
 
 def predict(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class probabilities (N, 10) for uint8 images (N, 28, 28) with one model's state."""
+    """Class probabilities (N, 10) for uint8 images (N, 28, 28) with one model's state
+    (for a stacked state: ``mnist_jax.unstack_state(state, i)``)."""
     from mnist_jax.training import predict_probs
+    _check_single(state)
     return np.asarray(jax.jit(predict_probs, static_argnums=2)(state, jnp.asarray(images), batch_size))
 
 
@@ -307,11 +373,23 @@ def predict_classes(state: TrainState, images: np.ndarray, batch_size: int = 100
 
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 1000) -> dict[str, float]:
-    """Test loss and accuracy of one model's state, like Keras' ``evaluate``."""
+    """Test loss and accuracy of one model's state, like Keras' ``evaluate``.
+
+    ``loss`` is the exact cross-entropy; ``keras_loss`` the figure Keras reports (its
+    probabilities clipped to [1e-7, 1 - 1e-7]). For a stacked state (several seeds),
+    take one model out first: ``mnist_jax.unstack_state(state, i)``.
+    """
     from mnist_jax.training import eval_metrics
+    _check_single(state)
     m = jax.jit(eval_metrics, static_argnums=3)(state, jnp.asarray(images),
                                                 jnp.asarray(labels, jnp.int32), batch_size)
     return {k: float(v) for k, v in m.items()}
+
+
+def _check_single(state: TrainState) -> None:
+    if np.ndim(state.step) != 0:
+        raise UsageError(f"this state stacks {np.shape(state.step)[0]} models; take one out "
+                         "with mnist_jax.unstack_state(state, i)")
 
 
 def predict_images(state: TrainState, paths: Sequence[str], batch_size: int = 1000

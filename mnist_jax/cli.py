@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,142 +41,22 @@ def _err(msg: str) -> None:
 # ---------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------
-def _check_resume_config(saved, config) -> None:
-    """A resumed run must train the same thing; only the epoch count may grow (unless a
-    cosine schedule, which spans the planned epochs, sets the learning rates)."""
-    a, b = saved.to_dict(), config.to_dict()
-    ignore = {"epochs", "data_dir", "checkpoint_every", "keep_checkpoints", "devices"}
-    if b.get("lr_schedule", "constant") != "constant":  # the schedule spans the whole run
-        ignore.discard("epochs")
-    diff = [k for k in a if k not in ignore and a[k] != b[k]]
-    if diff:
-        raise UsageError(f"--resume: the flags differ from the saved run in {', '.join(diff)} "
-                         f"(saved: {', '.join(f'{k}={a[k]}' for k in diff)})")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from mnist_jax import data as data_lib
-    from mnist_jax import models
-    from mnist_jax.checkpoint import Checkpointer, save_params
-    from mnist_jax.rundir import RunDir
-    from mnist_jax.run import (TrainingDiverged, build_model, check_training_fits,
-                               device_description, fit, init_state, summarize_models)
-    from mnist_jax.training import predict_probs, unstack_state
-
-    t_start = time.perf_counter()
+    """Parse, join a multi-process run if asked, and hand the run to the library."""
     multi = _init_distributed(args)  # before any other use of JAX
-    import jax
-    primary = not multi or parallel_is_primary()
+    from mnist_jax.lifecycle import LostProcess, train_run
+
     config = config_from_args(args)
-    out = Path(args.out or f"runs/{config.model}-{config.dataset}")
-    if primary:  # refusals first: nothing is loaded, written or deleted before them
-        RunDir.check_for_training(out, resume=args.resume, overwrite=args.overwrite)
-        if args.resume and (out / "config.json").is_file():
-            _check_resume_config(RunDir(out).read_config(), config)
-
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
-    print(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
-          f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
-    print(models.summary(build_model(config)))
-    fresh = init_state(config, len(dataset.train_labels))
-    # Batch size vs data and devices, memory: still before the run folder is touched
-    # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs.
-    fits = check_training_fits(config, dataset, fresh)
-    run = (RunDir.for_training(out, resume=args.resume, overwrite=args.overwrite) if primary
-           else _follower_run(out))  # only process 0 writes the run folder
-
-    # only process 0 saves (host copies of the replicated state)
-    ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
-                         every=config.checkpoint_every)
-            if config.checkpoint_every and primary else None)
-    state, history = fresh, []
-    if args.resume and ckpt is not None:
-        import jax.numpy as jnp
-        # Every leaf an array (a fresh state's step is the Python int 0, which would be
-        # restored as int64 and fail the checkpoint's checksum of the saved int32 step).
-        restored = ckpt.restore(jax.tree.map(jnp.asarray, fresh))
-        if restored is not None:
-            epoch, state, meta = restored
-            history = list(meta.get("history", []))[:epoch]
-            print(f"resuming from the checkpoint of epoch {epoch}")
-    if multi and args.resume:  # process 0's restored (or fresh) state, on every process
-        from jax.experimental import multihost_utils
-        state = multihost_utils.broadcast_one_to_all(state if state is not None
-                                                     else fresh)
-    run.write_config(config)
-    run.write_metrics(history)
-    tb = _tensorboard(run.path / "tb", config) if primary else None
-
-    rows = list(history)
-    last: dict[str, Any] = {}
-    bar = tqdm(total=config.epochs, initial=len(history), unit="epoch", dynamic_ncols=True,
-               desc="compiling", disable=args.quiet or not primary)
-
-    def on_epoch(epoch: int, state, row: dict) -> None:
-        rows.append(row)
-        last.update(epoch=epoch, state=state)
-        if ckpt is not None:
-            saved = jax.device_get(state) if multi else state  # host copy: process 0 alone writes
-            ckpt.save(epoch, saved, {"epoch": epoch, "history": rows, "config": config.to_dict()})
-        run.append_metrics(row)
-        _log_tensorboard(tb, row, config)
-        bar.set_description("training")
-        bar.set_postfix_str(_row_text(row))
-        bar.update(1)
-        if stop.requested:  # Ctrl-C: this epoch is saved, stop here
-            raise KeyboardInterrupt
-
-    base = {"config": config.to_dict(), "device": device_description(),
-            "memory": {k: fits[k] for k in ("needed_bytes", "available_bytes", "memory_source")}}
-    lost = None
-    stop = _GracefulStop()
     try:
-        with stop:
-            result = fit(config, dataset, state=state, history=history, on_epoch=on_epoch)
-    except TrainingDiverged as e:
-        bar.close()
-        run.write_results(dict(base, status="diverged", error=str(e), epoch=e.epoch, step=e.step,
-                               epochs_completed=len(rows)))
-        raise
-    except KeyboardInterrupt:
-        bar.close()
-        if ckpt is not None and last and ckpt.latest() != last["epoch"]:
-            ckpt.save(last["epoch"], last["state"],
-                      {"epoch": last["epoch"], "history": rows, "config": config.to_dict()},
-                      force=True)
-        run.write_results(dict(base, status="interrupted", epochs_completed=len(rows)))
-        _err(f"interrupted after epoch {len(rows)}; continue with --resume")
-        return 130
-    except Exception as e:  # noqa: BLE001 - in a multi-process run: a peer died
-        if not multi or isinstance(e, MnistJaxError):
+        outcome = train_run(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    except LostProcess as e:
+        if not multi:
             raise
-        bar.close()
-        lost = e
-        run.write_results(dict(base, status="failed", error=f"lost another process: {e}"[:500],
-                               epochs_completed=len(rows)))
-    finally:
-        if tb is not None:
-            tb.close()
-        if ckpt is not None:
-            ckpt.close()
-    if lost is not None:
-        _exit_lost_process(lost, len(rows))
-    bar.close()
-
-    if primary:
-        save_params(run.params_path, result.state.params)
-    summary = summarize_models(config, result.test)
-    timings = dict(result.timings, total_seconds=time.perf_counter() - t_start)
-    for key in ("compile_seconds", "train_compile_seconds"):  # compiled in check_training_fits
-        timings[key] += fits["compile_seconds"]
-    run.write_results(dict(base, status="completed", **summary, **timings,
-                           epochs_completed=len(result.history)))
-    first = result.state if config.num_models == 1 else unstack_state(result.state, 0)
-    classes = np.asarray(predict_probs(first, result.data.test[0][:30])).argmax(-1)
-    _print_final(config, summary, timings, classes)
-    print(f"run saved in {run.path}")
+        _exit_lost_process(e)
+    _print_final(outcome.result.config, outcome.summary, outcome.timings,
+                 outcome.first_classes)
+    print(f"run saved in {outcome.run_dir}")
     return 0
 
 
@@ -209,91 +88,35 @@ def _env_int(name: str) -> int | None:
         raise UsageError(f"invalid ${name} {value!r}: expected an integer") from None
 
 
-def parallel_is_primary() -> bool:
-    from mnist_jax.parallel import is_primary
-    return is_primary()
-
-
-def _follower_run(path: Path):
-    """The run folder as processes other than 0 see it: readable, never written."""
-    from mnist_jax.rundir import RunDir
-
-    class FollowerRun(RunDir):
-        def _skip(self, *args: Any, **kwargs: Any) -> None:
-            return None
-        write_config = write_metrics = append_metrics = write_results = _skip
-
-    return FollowerRun(path)
-
-
-def _exit_lost_process(exc: BaseException, epochs_done: int) -> None:
+def _exit_lost_process(exc: BaseException) -> None:
     """A collective failed because another process died: say so and exit at once.
 
     ``os._exit`` skips JAX's shutdown barrier, which would otherwise wait for the
     dead process until the heartbeat timeout and then abort.
     """
-    import jax
-    detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    _err(f"error: process {jax.process_index()} lost contact with the other processes after "
-         f"{epochs_done} complete epoch(s) ({detail[:300]}); the last complete checkpoint is "
-         "kept, continue with --resume")
+    _err(f"error: {exc}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
 
 
-class _GracefulStop:
-    """While training, the first SIGINT (Ctrl-C) asks to stop once the epoch in progress is
-    complete and saved (``requested``); a second one interrupts at once.
-
-    A KeyboardInterrupt raised in the middle of a checkpoint save or a metrics write would
-    leave them half done; the compiled epoch cannot be interrupted anyway (the signal waits
-    until it returns), so waiting for its end costs nothing.
-    """
-
-    requested = False
-
-    def __enter__(self) -> "_GracefulStop":
-        import signal
-        import threading
-        self._previous = None
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _err("stopping after the epoch in progress is saved (Ctrl-C again to stop at once)")
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            import signal
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _row_text(row: dict) -> str:
-    def fmt(v):
-        return f"{np.mean(v):.4f}"
-    parts = [f"loss {fmt(row['train_loss'])}", f"acc {fmt(row['train_accuracy'])}"]
-    if "val_accuracy" in row:
-        parts.append(f"val_acc {fmt(row['val_accuracy'])}")
-    parts.append(f"test_acc {fmt(row['test_accuracy'])}")
-    return ", ".join(parts)
-
-
 def _print_test(config, summary: dict) -> None:
-    """Test loss and accuracy: of the model, or of each model and their mean ± std."""
+    """Test loss and accuracy: of the model, or of each model, their mean ± std and the
+    ensemble's accuracy; with Keras' clipped loss beside ours."""
     if config.num_models == 1:
-        print(f"test loss {summary['test_loss']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+        print(f"test loss {summary['test_loss']:.4f} (as Keras reports it, probabilities "
+              f"clipped at 1e-7: {summary['test_keras_loss']:.4f}), "
+              f"test accuracy {summary['test_accuracy']:.4f}")
     else:
         for m in summary["per_model"]:
             print(f"  seed {m['seed']} lr {m['lr']:g}: test loss {m['test_loss']:.4f}, "
                   f"test accuracy {m['test_accuracy']:.4f}")
         print(f"test accuracy {summary['test_accuracy_mean']:.4f} ± "
-              f"{summary['test_accuracy_std']:.4f} over {config.num_models} models")
+              f"{summary['test_accuracy_std']:.4f} (min {summary['test_accuracy_min']:.4f}) "
+              f"over {config.num_models} models")
+        if "ensemble_test_accuracy" in summary:
+            print(f"ensemble test accuracy {summary['ensemble_test_accuracy']:.4f} "
+                  f"(mean of the {config.num_models} models' probabilities)")
 
 
 def _print_final(config, summary: dict, timings: dict, classes) -> None:
@@ -306,49 +129,12 @@ def _print_final(config, summary: dict, timings: dict, classes) -> None:
     print("first 30 predicted classes:", " ".join(str(int(c)) for c in classes))
 
 
-def _tensorboard(path: Path, config):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl is the record
-        return None
-    return SummaryWriter(str(path))
-
-
-def _log_tensorboard(tb, row: dict, config) -> None:
-    if tb is None:
-        return
-    names = ([""] if config.num_models == 1 else
-             [f"seed{m['seed']}_lr{m['lr']:g}/" for m in config.model_grid()])
-    for key, value in row.items():
-        if key in ("epoch", "models"):
-            continue
-        values = value if isinstance(value, list) else [value]
-        for name, v in zip(names, values):
-            tb.add_scalar(f"{name}{key}", v, row["epoch"])
-    tb.flush()
-
-
 # ---------------------------------------------------------------------------------------
 # evaluate / predict / report: read a finished run
 # ---------------------------------------------------------------------------------------
 def _load_run(run_dir: str):
-    """(run, config, state) of a finished run; state is stacked for several models."""
-    from mnist_jax.checkpoint import load_params
-    from mnist_jax.rundir import RunDir
-    from mnist_jax.run import init_state
-
-    run = RunDir.open(run_dir)
-    config = run.read_config()
-    if not run.params_path.exists():
-        raise UsageError(f"{run.path} has no trained parameters (params.msgpack): "
-                         "the run did not finish; continue it with train --resume")
-    # The state's structure without running the initialisers (eagerly they take seconds);
-    # evaluate/predict/report use only its params and apply_fn.
-    import jax
-    shapes = jax.eval_shape(lambda: init_state(config))
-    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    params = load_params(run.params_path, template.params)
-    return run, config, template.replace(params=params)
+    from mnist_jax.lifecycle import load_run
+    return load_run(run_dir)
 
 
 def _dataset_for(config, data_dir: str | None):
@@ -359,21 +145,19 @@ def _dataset_for(config, data_dir: str | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from mnist_jax.run import summarize_models
+    from mnist_jax.run import ensemble_accuracy, summarize_models
     from mnist_jax.training import compile_fns, to_host
 
-    run, config, state = _load_run(args.run_dir)
+    loaded = _load_run(args.run_dir)
+    config = loaded.config
     ds = _dataset_for(config, args.data_dir)
     fns = compile_fns(config.batch_size, config.num_models)
-    m = to_host(fns.evaluate(state, jnp.asarray(ds.test_images),
-                             jnp.asarray(ds.test_labels, jnp.int32)))
+    x, y = jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels, jnp.int32)
+    m = to_host(fns.evaluate(loaded.state, x, y))
+    if config.num_models > 1:
+        m["ensemble_accuracy"] = ensemble_accuracy(fns.predict(loaded.state, x), y)
     _print_test(config, summarize_models(config, m))
     return 0
-
-
-def _first_model(config, state):
-    from mnist_jax.training import unstack_state
-    return state if config.num_models == 1 else unstack_state(state, 0)
 
 
 def _is_idx(path: Path) -> bool:
@@ -384,11 +168,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_jax import data as data_lib
     from mnist_jax.run import predict
 
-    run, config, state = _load_run(args.run_dir)
-    state = _first_model(config, state)
+    loaded = _load_run(args.run_dir)
+    state = loaded.model_state(0)
     inputs = [Path(p) for p in args.inputs]
     if not inputs:
-        images = _dataset_for(config, args.data_dir).test_images
+        images = _dataset_for(loaded.config, args.data_dir).test_images
         return _print_classes(predict(state, images, args.batch_size).argmax(-1), args)
     if all(_is_idx(p) for p in inputs):
         images = np.concatenate([data_lib.read_idx(p) for p in inputs])
@@ -442,9 +226,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"invalid --out {args.out!r}: it is a file, not a folder")
-    run, config, state = _load_run(args.run_dir)
+    loaded = _load_run(args.run_dir)
+    run, config = loaded.run, loaded.config
     ds = _dataset_for(config, args.data_dir)
-    probs = predict(_first_model(config, state), ds.test_images)
+    probs = predict(loaded.model_state(0), ds.test_images)
     names = FASHION_MNIST_CLASSES if config.dataset == "fashion_mnist" else None
     path = write_report(run.path, test_images=ds.test_images,
                         test_labels=np.asarray(ds.test_labels), probs=probs, class_names=names,
@@ -486,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "predict, inspect and benchmark MLP and CNN models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model (defaults: the tutorial's MLP recipe)")
+    p = sub.add_parser("train", help="train a model (default: the tutorial's MLP recipe; "
+                       "see --recipe)")
     add_config_flags(p)
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/MODEL-DATASET)")
     p.add_argument("--resume", action="store_true",

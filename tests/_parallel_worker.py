@@ -2,10 +2,13 @@
 
     python tests/_parallel_worker.py OUT [--devices N[,M...]] [--train N] [--seeds 0,1]
         [--coordinator HOST:PORT --num-processes P --process-id I] [--epochs E] [--real]
+        [--model SPEC [--model-args JSON]] [--augment SPEC]
 
 Trains with :func:`mnist_jax.run.fit` on a deterministic synthetic dataset (or the
 first ``--subset`` real MNIST images when $MNIST_JAX_DATA_DIR is set and --real is
-given) and writes the final params of each device count to ``OUT-<devices>.npz`` (process 0 only).
+given) and writes the final variables (params, and e.g. BatchNorm statistics of a
+``--model file.py:Class`` of the user's) of each device count to ``OUT-<devices>.npz``
+(process 0 only).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--real", action="store_true")
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--model-args")
+    ap.add_argument("--augment", default="none")
     ap.add_argument("--coordinator")
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
@@ -66,13 +72,15 @@ def main() -> None:
                           "train_loss": row["train_loss"]}), flush=True)
 
     for devices in [int(d) for d in args.devices.split(",") if d] or [None]:
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, hidden=(128,),
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                             hidden=(128,) if args.model == "mlp" else (),
+                             model=args.model, model_args=args.model_args, augment=args.augment,
                              seeds=tuple(int(s) for s in args.seeds.split(",")),
                              devices=devices, checkpoint_every=0)
         result = fit(config, ds, on_epoch=on_epoch)
         n = jax.device_count() if devices is None else devices
         if jax.process_index() == 0:
-            leaves = [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
+            leaves = [np.asarray(x) for x in jax.tree.leaves(result.state.variables)]
             np.savez(f"{args.out}-{n}.npz", *leaves, processes=jax.process_count(),
                      history=json.dumps(result.history))
         print(json.dumps({"done": True, "process": jax.process_index(), "devices": n,

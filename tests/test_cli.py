@@ -93,15 +93,3 @@ def test_usage_errors_are_one_line_and_exit_2():
     assert len(proc.stderr.strip().splitlines()) == 1 and "--epochs" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-
-def test_resume_may_extend_a_constant_run_but_not_a_cosine_one():
-    """A cosine schedule spans the run's --epochs: more epochs would change every step's rate."""
-    from mnist_jax.cli import _check_resume_config
-    from mnist_jax.config import TrainConfig
-    from mnist_jax.errors import UsageError
-
-    _check_resume_config(TrainConfig(epochs=5), TrainConfig(epochs=10))
-    cosine = TrainConfig(epochs=5, lr_schedule="cosine")
-    _check_resume_config(cosine, cosine)
-    with pytest.raises(UsageError, match="epochs"):
-        _check_resume_config(cosine, TrainConfig(epochs=10, lr_schedule="cosine"))

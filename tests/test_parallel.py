@@ -80,6 +80,26 @@ def test_one_four_and_eight_devices_train_the_same_model(tmp_path):
         np.testing.assert_allclose(b, a, atol=ATOL, rtol=RTOL)
 
 
+
+def test_a_user_model_with_batchnorm_trains_the_same_on_one_and_eight_devices(tmp_path):
+    """BatchNorm's batch statistics are computed over the GLOBAL batch when it is sharded
+    (XLA reduces them across devices), so 8 devices train what 1 device trains, statistics
+    included, up to float32 summation order; with augmentation drawn on the device too.
+    (8 steps: Adam turns the rounding noise of near-zero gradients into full-size steps,
+    so longer runs drift apart by more than float32 tolerance; per-device statistics
+    of 16 examples would differ at once by orders of magnitude more.)"""
+    out = tmp_path / "bn"
+    net = f"{ROOT / 'tests' / 'assets' / 'net.py'}:Net"
+    r = subprocess.run([sys.executable, str(WORKER), str(out), "--devices", "1,8",
+                        "--train", str(128 * 8), "--model", net, "--model-args",
+                        '{"features": [8, 16]}', "--augment", "translate=2", *_real_flag()],
+                       env=_env(8), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, eight = _params(tmp_path / "bn-1.npz"), _params(tmp_path / "bn-8.npz")
+    assert len(one) == len(eight) > 6  # conv kernels, BatchNorm scale/bias AND mean/var, dense
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(b, a, atol=ATOL, rtol=RTOL)
+
 def test_the_compiled_epoch_shards_the_batch_and_all_reduces_the_gradient():
     code = """
 import re, jax, numpy as np

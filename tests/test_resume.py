@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.realdata
@@ -37,6 +38,11 @@ pytestmark = pytest.mark.realdata
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mnist_jax"
 SMALL = ["--hidden", "64", "--epochs", "4", "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
+# A user's module with BatchNorm (its batch_stats are part of the state), trained on digits
+# augmented on the device: both must resume exactly too.
+USER_BN = ["--model", f"{ROOT / 'tests' / 'assets' / 'net.py'}:Net", "--model-args",
+           '{"features": [4, 8]}', "--augment", "rotation=10,translate=2", "--epochs", "4",
+           "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
 
 # Runs the CLI with opt-in hooks (none of them changes what is computed or written).
 HOOKS = r"""
@@ -185,6 +191,14 @@ def reference(tmp_path_factory, mnist_dir) -> Path:
     return tmp / "run"
 
 
+@pytest.fixture(scope="module")
+def user_bn_reference(tmp_path_factory, mnist_dir) -> Path:
+    """An uninterrupted run of the USER_BN config."""
+    tmp = tmp_path_factory.mktemp("reference_bn")
+    _cli(tmp, "train", *USER_BN, "--data-dir", str(mnist_dir), "--out", str(tmp / "run"))
+    return tmp / "run"
+
+
 def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_provenance(
         reference, mnist_dir, tmp_path):
     _cli(tmp_path, "train", *SMALL, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "again"))
@@ -212,9 +226,12 @@ def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_pro
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["test_loss"] > 0
 
 
-def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(reference, mnist_dir, tmp_path):
+@pytest.mark.parametrize("case", ["mlp", "user-batchnorm-augmented"])
+def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(case, request, mnist_dir, tmp_path):
+    config, reference = ((SMALL, request.getfixturevalue("reference")) if case == "mlp" else
+                         (USER_BN, request.getfixturevalue("user_bn_reference")))
     run = tmp_path / "run"
-    args = ["train", *SMALL, "--data-dir", str(mnist_dir), "--out", str(run)]
+    args = ["train", *config, "--data-dir", str(mnist_dir), "--out", str(run)]
     proc = _start(tmp_path, *args, MJT_STALL_EPOCH="3")
     _wait_for(lambda: (tmp_path / "dispatched-epoch_3").exists(), proc, "epoch 3's dispatch")
     _kill(proc)
@@ -229,6 +246,10 @@ def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(reference, mnist_dir, 
     assert (run / "params.msgpack").read_bytes() == (reference / "params.msgpack").read_bytes()
     assert _metrics(run) == _metrics(reference)
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    if case != "mlp":  # the saved variables hold the BatchNorm statistics, trained
+        from mnist_jax.checkpoint import load_params
+        stats = load_params(run / "params.msgpack")["batch_stats"]
+        assert not np.allclose(stats["BatchNorm_0"]["var"], 1.0)
 
 
 def test_killed_mid_save_with_a_damaged_newest_checkpoint_resumes_from_the_previous_one(

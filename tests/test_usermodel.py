@@ -51,7 +51,7 @@ def test_each_seed_of_a_batchnorm_net_reaches_97_percent_after_one_epoch(adamw_t
 def test_batchnorm_statistics_are_trained_kept_per_model_and_used_in_evaluation(
         adamw_two_seeds, mnist):
     stats = adamw_two_seeds.state.model_state["batch_stats"]["BatchNorm_0"]
-    assert stats["mean"].shape == (2, 16) and stats["var"].shape == (2, 16)
+    assert stats["mean"].shape == (2, 8) and stats["var"].shape == (2, 8)
     assert not np.allclose(stats["mean"], 0.0) and not np.allclose(stats["var"], 1.0)
     assert not np.allclose(stats["mean"][0], stats["mean"][1])  # one set per seed
     one = mj.unstack_state(adamw_two_seeds.state, 0)

@@ -20,7 +20,7 @@ float32 and the real MNIST data (uint8 -> /255):
 * **bf16 vs fp32** step time and the accuracy of a short bf16 run, plus whether
   the CPU has AMX (bf16 matrix units) at all.
 
-FLOPs are counted from the layer shapes (:func:`mnist_jax.models.flops_per_example`):
+FLOPs are counted from the layer shapes (:func:`mnist_jax.summary.flops_per_example`):
 2 x multiply-adds of every Dense/Conv layer, forward + weight gradient + input
 gradient (no input gradient for the first layer); biases, activations, pooling,
 dropout, loss and Adam are not counted (< 1 %).  Achieved GFLOP/s = training
@@ -143,8 +143,9 @@ def measured_epochs(epoch_seconds: Sequence[float], warmup: int = 1) -> list[flo
 
 def training_flops(model_name: str, **model_kwargs: Any) -> dict[str, int]:
     """Matmul FLOPs per image of ``model_name`` (forward and one training step)."""
-    from mnist_jax import models
-    return models.flops_per_example(models.create_model(model_name, **model_kwargs))
+    from mnist_jax.models import create_model
+    from mnist_jax.summary import flops_per_example
+    return flops_per_example(create_model(model_name, **model_kwargs))
 
 
 def achieved_gflops(train_flops_per_image: float, images_per_second: float) -> float:

@@ -59,11 +59,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mnist_jax import data as data_lib
-    from mnist_jax import models
     from mnist_jax.checkpoint import Checkpointer, save_params
     from mnist_jax.rundir import RunDir
     from mnist_jax.run import (TrainingDiverged, build_model, check_training_fits,
                                device_description, fit, init_state, summarize_models)
+    from mnist_jax.summary import summary as model_summary
     from mnist_jax.training import predict_probs, unstack_state
 
     t_start = time.perf_counter()
@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     print(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
           f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
-    print(models.summary(build_model(config)))
+    print(model_summary(build_model(config)))
     fresh = init_state(config, len(dataset.train_labels))
     # Batch size vs data and devices, memory: still before the run folder is touched
     # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs.
@@ -454,7 +454,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from mnist_jax import models
+    from mnist_jax.models import create_model
+    from mnist_jax.summary import summary
     kw: dict[str, Any] = {}
     if args.model == "mlp":
         if args.hidden:
@@ -463,7 +464,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             kw["dropout"] = args.dropout
     else:
         kw["impl"] = args.impl
-    print(models.summary(models.create_model(args.model, **kw)))
+    print(summary(create_model(args.model, **kw)))
     return 0
 
 

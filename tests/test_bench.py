@@ -13,7 +13,7 @@ import pytest
 
 from mnist_jax import bench
 from mnist_jax.dropout import hash_keep_mask
-from mnist_jax.models import count_params
+from mnist_jax.summary import count_params
 
 
 def test_training_flops_of_the_tutorial_mlp():

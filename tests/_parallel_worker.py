@@ -4,8 +4,8 @@
         [--coordinator HOST:PORT --num-processes P --process-id I] [--epochs E] [--real]
 
 Trains with :func:`mnist_jax.run.fit` on a deterministic synthetic dataset (or the
-first ``--subset`` real MNIST images when $MNIST_JAX_DATA_DIR is set and --real is
-given) and writes the final params of each device count to ``OUT-<devices>.npz`` (process 0 only).
+first ``--train`` real MNIST images when --real is given, from $MNIST_JAX_DATA_DIR)
+and writes the final params of each device count to ``OUT-<devices>.npz`` (process 0 only).
 """
 
 from __future__ import annotations

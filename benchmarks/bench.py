@@ -62,9 +62,9 @@ BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 ADAM_EPS = 1e-7
 # Benchmarked: every built-in model (MODELS).  "convnet" is keras.io's small "Simple
-# MNIST convnet" (models.create_model("convnet")): the model
-# that issue #3's planning figures (0.9 TFLOP per epoch, Keras 64 s/epoch) describe; the
-# targets are held against the default CNN, the convnet's figures are reported beside it.
+# MNIST convnet" (models.create_model("convnet")): the model that issue #3's planning
+# figures (0.9 TFLOP per epoch, Keras 64 s/epoch) describe; the targets are held against
+# the default CNN, the convnet's figures are reported beside it.
 PEERS = ("keras", "torch")
 PEER_TITLES = {"ours": "mnist-jax", "keras": "Keras 3 (JAX backend)", "torch": "PyTorch eager"}
 # Importable module of each peer; a peer whose module is not installed is "missing".

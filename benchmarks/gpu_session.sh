@@ -5,7 +5,8 @@
 # Prepare here (git-ignored, carried with the call):
 #   mkdir -p .data/mnist && cp "$MNIST_JAX_DATA_DIR"/mnist/*.gz .data/mnist/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl keras==3.15.1 namex optree tensorboardX
+#       --platform manylinux_2_28_x86_64 -d .whl keras==3.15.1 namex optree tensorboardX \
+#       pytest-timeout
 # Run there from the repository root:  bash benchmarks/gpu_session.sh [bench] [recipes] [tests]
 # (default: all three). What it writes to $OUT: the benchmark's results files, the CNN
 # recipe comparison and logs.
@@ -28,7 +29,7 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 
 if [[ $SECTIONS == *" bench "* ]]; then
 log "benchmark (issue 3)"
-timeout 420 python3 -m mnist_jax.bench --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v '^\[bench\]'
+timeout 420 python3 benchmarks/bench.py --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v '^\[bench\]'
 
 fi
 

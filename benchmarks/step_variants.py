@@ -33,15 +33,16 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from jax import lax  # noqa: E402
 
-from mnist_jax import models  # noqa: E402
-from mnist_jax.models import CNN, MLP, create_model, flops_per_example  # noqa: E402
+from mnist_jax import fastconv  # noqa: E402
+from mnist_jax.models import CNN, MLP, create_model  # noqa: E402
+from mnist_jax.summary import flops_per_example  # noqa: E402
 
 
 # ---- naive formulations, for reference (same param tree as CNN) -----------
 
 def _conv_im2col_autodiff(x, kernel, bias):
     kh, kw, ci, co = kernel.shape
-    return jnp.dot(models._im2col(x, kh, kw), kernel.reshape(-1, co)) + bias
+    return jnp.dot(fastconv._im2col(x, kh, kw), kernel.reshape(-1, co)) + bias
 
 
 def _pool_reshape(x):
@@ -109,16 +110,16 @@ def make_step(model: nn.Module, batch: int, input_shape=(28, 28)):
 
 def variants(batch: int) -> dict[str, Callable[[], Any]]:
     def patched(model, **settings):
-        """Build with module-level knobs of mnist_jax.models temporarily set."""
+        """Build with module-level knobs of mnist_jax.fastconv temporarily set."""
         def build():
-            old = {k: getattr(models, k) for k in settings}
+            old = {k: getattr(fastconv, k) for k in settings}
             for k, v in settings.items():
-                setattr(models, k, v)
+                setattr(fastconv, k, v)
             try:
                 return make_step(model, batch)
             finally:
                 for k, v in old.items():
-                    setattr(models, k, v)
+                    setattr(fastconv, k, v)
         return build
 
     fast = CNN(impl="fast")
@@ -128,11 +129,11 @@ def variants(batch: int) -> dict[str, Callable[[], Any]]:
         "im2col-autodiff+reshape-pool": lambda: make_step(
             NaiveCNN(_conv_im2col_autodiff, _pool_reshape), batch),
         "fast": lambda: make_step(CNN(impl="fast"), batch),
-        "fast-per-layer": patched(fast, _FAST_FUSE_STACK=False),
-        "fast-chunk1MB": patched(fast, _FAST_CHUNK_BYTES=1 << 20),
-        "fast-chunk4MB": patched(fast, _FAST_CHUNK_BYTES=4 << 20),
-        "fast-chunk8MB": patched(fast, _FAST_CHUNK_BYTES=8 << 20),
-        "fast-nochunk": patched(fast, _FAST_CHUNK_BYTES=1 << 40),
+        "fast-per-layer": patched(fast, FUSE_STACK=False),
+        "fast-chunk1MB": patched(fast, CHUNK_BYTES=1 << 20),
+        "fast-chunk4MB": patched(fast, CHUNK_BYTES=4 << 20),
+        "fast-chunk8MB": patched(fast, CHUNK_BYTES=8 << 20),
+        "fast-nochunk": patched(fast, CHUNK_BYTES=1 << 40),
         "xla-bf16": lambda: make_step(CNN(impl="xla", dtype=jnp.bfloat16), batch),
         "fast-bf16": lambda: make_step(CNN(impl="fast", dtype=jnp.bfloat16), batch),
         "appendix-xla": lambda: make_step(CNN(impl="xla", pool_after=(True, True)), batch),
@@ -140,13 +141,13 @@ def variants(batch: int) -> dict[str, Callable[[], Any]]:
         "convnet-xla": lambda: make_step(create_model("convnet", impl="xla"), batch),
         "convnet-fast": lambda: make_step(create_model("convnet", impl="fast"), batch),
         "convnet-fast-chunk1MB": patched(create_model("convnet", impl="fast"),
-                                         _FAST_CHUNK_BYTES=1 << 20),
+                                         CHUNK_BYTES=1 << 20),
         "convnet-fast-chunk16MB": patched(create_model("convnet", impl="fast"),
-                                          _FAST_CHUNK_BYTES=16 << 20),
+                                          CHUNK_BYTES=16 << 20),
         "convnet-fast-nochunk": patched(create_model("convnet", impl="fast"),
-                                        _FAST_CHUNK_BYTES=1 << 40),
-        "convnet-fast-im2col0": patched(create_model("convnet", impl="fast"), _XLA_CONV_MAX_CIN=0),
-        "fast-im2col0": patched(fast, _XLA_CONV_MAX_CIN=0),
+                                        CHUNK_BYTES=1 << 40),
+        "convnet-fast-im2col0": patched(create_model("convnet", impl="fast"), XLA_CONV_MAX_CIN=0),
+        "fast-im2col0": patched(fast, XLA_CONV_MAX_CIN=0),
         "mlp": lambda: make_step(MLP(), batch),
         "mlp-bf16": lambda: make_step(MLP(dtype=jnp.bfloat16), batch),
     }

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mnist_jax.atomic import write_atomic  # noqa: E402
-from mnist_jax.bench import amx_report, cpu_flags, cpu_model, device_slug  # noqa: E402
+from bench import amx_report, cpu_flags, cpu_model, device_slug  # noqa: E402  (this folder)
 
 FLAG_SETS = {
     "baseline": "",

@@ -25,10 +25,11 @@ from mnist_jax.data import (Dataset, flatten_and_scale, load_dataset, load_idx_f
                             to_categorical, validation_split)
 from mnist_jax.errors import DataError, MnistJaxError, UsageError
 from mnist_jax.images import load_image, to_mnist
-from mnist_jax.models import CNN, MLP, count_params, create_model, summary
 from mnist_jax.lifecycle import LoadedRun, RunOutcome, TrainingInterrupted, load_run, train_run
+from mnist_jax.models import CNN, MLP, create_model
 from mnist_jax.run import (FitResult, TrainingDiverged, evaluate, fit, init_state, predict,
                            predict_classes, predict_images)
+from mnist_jax.summary import count_params, summary
 from mnist_jax.training import (CrossEntropy, StepOptions, TrainState, create_train_state,
                                 eval_metrics, make_optimizer, stack_states, train_epoch,
                                 train_step, unstack_state)

@@ -239,7 +239,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from mnist_jax import models
+    from mnist_jax.models import create_model
+    from mnist_jax.summary import summary
     kw: dict[str, Any] = {}
     if args.model == "mlp":
         if args.hidden:
@@ -248,13 +249,25 @@ def cmd_summary(args: argparse.Namespace) -> int:
             kw["dropout"] = args.dropout
     else:
         kw["impl"] = args.impl
-    print(models.summary(models.create_model(args.model, **kw)))
+    print(summary(create_model(args.model, **kw)))
     return 0
 
 
+def benchmarks_dir() -> Path:
+    """The source checkout's ``benchmarks/`` folder, next to this package."""
+    return Path(__file__).resolve().parents[1] / "benchmarks"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mnist_jax import bench
-    return bench.main(args)
+    """Run ``benchmarks/bench.py`` (not part of the installed package) with the arguments."""
+    folder = benchmarks_dir()
+    if not (folder / "bench.py").is_file():
+        raise UsageError("the benchmark runs from a source checkout of mnist-jax "
+                         f"(no {folder / 'bench.py'}): clone the repository and run it there")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    import bench
+    return bench.main(args.bench_args, prog=f"{PROG} bench")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,10 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the figures (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
-    from mnist_jax.bench import add_arguments as add_bench_arguments
-    p = sub.add_parser("bench", help="benchmark MLP and CNN training against Keras 3 and PyTorch "
-                       "and the matmul ceiling; writes benchmarks/results/DEVICE.{json,md}")
-    add_bench_arguments(p)
+    # No flags of its own ('+' is its only option prefix, so "--quick" or "-h" is no option
+    # here): every argument goes to benchmarks/bench.py's parser, imported only when run.
+    p = sub.add_parser("bench", add_help=False, prefix_chars="+",
+                       help="benchmark MLP and CNN training against Keras 3 and PyTorch and the "
+                       "matmul ceiling; writes benchmarks/results/DEVICE.{json,md} (from a "
+                       "source checkout; 'mnist-jax bench --help' for its flags)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
     p.set_defaults(func=cmd_bench)
 
     return parser

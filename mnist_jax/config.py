@@ -15,10 +15,8 @@ import math
 from typing import Any
 
 from mnist_jax.errors import UsageError
+from mnist_jax.names import DATASETS, IMPLS, MODELS
 
-MODELS = ("mlp", "cnn", "convnet", "smallcnn", "bncnn")  # models.MODEL_NAMES, jax-free
-DATASETS = ("mnist", "fashion_mnist")
-IMPLS = ("auto", "fast", "xla")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw", "sgd")

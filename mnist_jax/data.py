@@ -36,10 +36,10 @@ import numpy as np
 
 from mnist_jax.atomic import atomic_path
 from mnist_jax.errors import DataError, UsageError
+from mnist_jax.names import DATASETS
 
 DATA_DIR_ENV = "MNIST_JAX_DATA_DIR"
 CACHE_DIR_ENV = "MNIST_JAX_CACHE_DIR"
-DATASETS = ("mnist", "fashion_mnist")
 TRAIN_EXAMPLES = 60_000  # training images of either dataset
 NUM_CLASSES = 10
 SOURCES = ("auto", "tfds", "idx")

@@ -118,7 +118,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     start, :class:`mnist_jax.run.TrainingDiverged` on a non-finite loss,
     :class:`TrainingInterrupted` after a Ctrl-C (the completed epochs saved).
     """
-    from mnist_jax import models as summary_lib  # summary()
+    from mnist_jax.summary import summary as model_summary
     from mnist_jax.checkpoint import Checkpointer, save_params
     from mnist_jax.progress import EpochProgress
     from mnist_jax.run import (TrainingDiverged, build_model, check_training_fits,
@@ -141,7 +141,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
         dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     log(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
         f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
-    log(summary_lib.summary(model))
+    log(model_summary(model))
     fresh = init_state(config, len(dataset.train_labels), model=model, optimizer=optimizer)
     options = step_options(config, loss)
     # Batch size vs data and devices, memory: still before the run folder is touched

@@ -5,8 +5,8 @@
         [--model SPEC [--model-args JSON]] [--augment SPEC]
 
 Trains with :func:`mnist_jax.run.fit` on a deterministic synthetic dataset (or the
-first ``--subset`` real MNIST images when $MNIST_JAX_DATA_DIR is set and --real is
-given) and writes the final variables (params, and e.g. BatchNorm statistics of a
+first ``--train`` real MNIST images when --real is given, from $MNIST_JAX_DATA_DIR)
+and writes the final variables (params, and e.g. BatchNorm statistics of a
 ``--model file.py:Class`` of the user's) of each device count to ``OUT-<devices>.npz``
 (process 0 only).
 """

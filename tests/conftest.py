@@ -40,3 +40,12 @@ def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist(mnist_dir: Path, data_cache_dir: Path) -> Dataset:
     """Real MNIST, loaded once per session through ``load_dataset`` into a fresh cache."""
     return load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir)
+
+
+@pytest.fixture
+def full_fp32_matmuls():
+    """fp32 products at full precision: on a GPU the default lets both CNN paths use tf32
+    matrix units (~1e-3 relative error), which would hide what fast-vs-xla checks."""
+    import jax
+    with jax.default_matmul_precision("highest"):
+        yield

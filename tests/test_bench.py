@@ -1,4 +1,5 @@
-"""The benchmark's pure parts: FLOP counts, ratios, targets, tables, missing peers.
+"""The benchmark's pure parts (benchmarks/bench.py): FLOP counts, ratios, targets,
+tables, missing peers, and the ``mnist-jax bench`` entry that runs it.
 
 Nothing here times anything or asserts on time.
 """
@@ -6,14 +7,21 @@ Nothing here times anything or asserts on time.
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from mnist_jax import bench
 from mnist_jax.dropout import hash_keep_mask
-from mnist_jax.models import count_params
+from mnist_jax.summary import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness is not in the package
+import bench  # noqa: E402
 
 
 def test_training_flops_of_the_tutorial_mlp():
@@ -23,7 +31,17 @@ def test_training_flops_of_the_tutorial_mlp():
     assert f["train"] == 4 * 784 * 784 + 6 * 784 * 10
     cnn = bench.training_flops("cnn")
     assert cnn["train"] > 2 * cnn["forward"] > 0
-    assert bench.achieved_gflops(f["train"], 1e5) == f["train"] * 1e5 / 1e9
+
+
+def test_the_eval_floor_is_the_time_that_runs_at_the_ceiling():
+    """Evaluating in exactly the floor time achieves exactly the ceiling's GFLOP/s;
+    twice the images take twice as long, a device twice as fast half as long."""
+    forward, images, ceiling = bench.training_flops("cnn")["forward"], 10_000, 400.0
+    floor = bench.eval_floor_seconds(forward, images, ceiling)
+    assert math.isclose(bench.achieved_gflops(forward, images / floor), ceiling)
+    assert math.isclose(bench.eval_floor_seconds(forward, 2 * images, ceiling), 2 * floor)
+    assert math.isclose(bench.eval_floor_seconds(forward, images, 2 * ceiling), floor / 2)
+    assert bench.eval_floor_seconds(forward, images, None) is None  # no ceiling measured
 
 
 def test_device_slug_and_amx_report():
@@ -38,6 +56,14 @@ def test_missing_peer_is_reported_as_missing(monkeypatch):
     assert not bench.peer_available("torch")
     r = bench.run_peer("torch", "mlp", epochs=2, steps=3, data_dir=None, synthetic=True, timeout=5)
     assert r["status"] == "missing" and "not installed" in r["reason"]
+
+
+def test_a_child_process_runs_this_checkouts_code_and_reports_back(monkeypatch):
+    """Peers and cold-start runs are children running benchmarks/bench.py itself: they
+    find this checkout's package without help from $PYTHONPATH."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    r = bench.run_child({"kind": "no-such-kind", "synthetic": True}, timeout=120)
+    assert r["status"] == "error" and "unknown child task 'no-such-kind'" in r["error"], r
 
 
 def _fake_results(tmp_quick=True) -> dict:
@@ -69,7 +95,6 @@ def test_ratios_and_targets():
     assert t["mlp_achieved_over_ceiling"]["met"] is True
     assert t["cnn_epoch_over_keras"]["met"] is None  # not measured
     assert t["mlp_eval_seconds"]["met"] is True
-    assert bench.eval_floor_seconds(2e9, 10, 400.0) == 0.05
 
 
 def test_time_to_accuracy_target_takes_the_fastest_recipe_that_reached_it():
@@ -136,10 +161,40 @@ def test_parse_lists_and_plan():
     assert bench.measured_epochs([3.0]) == [3.0]
 
 
-def test_cli_has_a_bench_command():
+def test_cli_bench_passes_its_arguments_to_the_harness():
     from mnist_jax.cli import build_parser
-    args = build_parser().parse_args(["bench", "--quick", "--peers", "none"])
-    assert args.quick and args.peers == "none" and args.func.__name__ == "cmd_bench"
+    argv = ["--quick", "--peers", "none", "--models", "mlp"]
+    args = build_parser().parse_args(["bench", *argv])
+    assert args.func.__name__ == "cmd_bench" and args.bench_args == argv
+    parsed = bench.build_parser().parse_args(args.bench_args)
+    assert parsed.quick and parsed.peers == "none" and parsed.models == "mlp"
+
+
+def test_the_cli_imports_the_harness_only_when_bench_runs():
+    code = ("import sys; from mnist_jax.cli import build_parser; build_parser(); "
+            "print('bench' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_cli_bench_without_a_source_checkout_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    from mnist_jax import cli
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "benchmarks")  # a wheel
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source checkout" in err[0], err
+
+
+def test_cli_bench_bad_flags_are_one_line_exit_2(capsys):
+    from mnist_jax.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--models", "mlp", "--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mnist-jax bench" in err[0] and "--no-such-flag" in err[0], err
+    assert main(["bench", "--peers", "tensorflow"]) == 2
+    assert "--peers" in capsys.readouterr().err
 
 
 def test_hashed_dropout_mask_keeps_the_right_fraction_and_is_deterministic():

@@ -5,7 +5,6 @@ MNIST was prepared before in the same cache (a warm tfds store and a warm cache)
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import struct
 from pathlib import Path

@@ -74,8 +74,7 @@ def test_one_four_and_eight_devices_train_the_same_model(tmp_path):
     assert "'data': 8" in done[8]["train_sharding"]
     one, eight = _params(tmp_path / "p-1.npz"), _params(tmp_path / "p-8.npz")
     diff = max(float(np.abs(a - b).max()) for a, b in zip(one, eight))
-    print(f"max |params(1 device) - params(8 devices)| = {diff:.3g}")
-    assert diff > 0 or True  # equal is fine too
+    print(f"max |params(1 device) - params(8 devices)| = {diff:.3g}")  # the figure above
     for a, b in zip(one, eight):
         np.testing.assert_allclose(b, a, atol=ATOL, rtol=RTOL)
 

@@ -11,7 +11,6 @@ with the labels about as well as the raw 28×28 test images do.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -49,7 +48,7 @@ def photos(tmp_path_factory, mnist_dir, trained):
 
 
 def _state(run):
-    return cli._first_model(*cli._load_run(str(run))[1:])
+    return mj.load_run(run).model_state(0)
 
 
 def test_photos_of_real_digits_are_recognised_about_as_well_as_the_raw_images(trained, photos):

@@ -12,11 +12,10 @@ import pytest
 
 from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
-from mnist_jax.models import CNN, MLP
+from mnist_jax.models import MLP
 from mnist_jax.run import TrainingDiverged, fit, init_state
 from mnist_jax.training import (adam_hyperparams, compile_fns, create_train_state, epoch_permutation,
-                                eval_metrics, make_optimizer, stack_states, train_epoch,
-                                train_step, unstack_state)
+                                eval_metrics, make_optimizer, stack_states, train_step, unstack_state)
 
 
 def synthetic(n: int = 512, seed: int = 0) -> data_lib.Dataset:

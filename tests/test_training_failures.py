@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from mnist_jax import cli
 from mnist_jax.checkpoint import Checkpointer
 from mnist_jax.run import MEMORY_LIMIT_ENV, TrainingDiverged
 

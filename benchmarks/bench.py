@@ -1,6 +1,9 @@
 """``mnist-jax bench``: how fast this project trains MNIST, next to Keras 3 and PyTorch
 and next to what the hardware can do -- all measured in one run on one machine.
 
+    python benchmarks/bench.py [--quick] [--models mlp,cnn] [--peers none] ...
+    mnist-jax bench ...        # the same, from a source checkout
+
 For the tutorial MLP (784-784-10, dropout 0.4), the default CNN and keras.io's small
 "Simple MNIST convnet" (``convnet``), all with Adam (lr 1e-3, eps 1e-7), batch 128,
 float32 and the real MNIST data (uint8 -> /255):
@@ -20,7 +23,7 @@ float32 and the real MNIST data (uint8 -> /255):
 * **bf16 vs fp32** step time and the accuracy of a short bf16 run, plus whether
   the CPU has AMX (bf16 matrix units) at all.
 
-FLOPs are counted from the layer shapes (:func:`mnist_jax.models.flops_per_example`):
+FLOPs are counted from the layer shapes (:func:`mnist_jax.summary.flops_per_example`):
 2 x multiply-adds of every Dense/Conv layer, forward + weight gradient + input
 gradient (no input gradient for the first layer); biases, activations, pooling,
 dropout, loss and Adam are not counted (< 1 %).  Achieved GFLOP/s = training
@@ -28,6 +31,9 @@ FLOPs per image x images per second.
 
 Results: a table on stdout, ``<out>/<device>.json`` and ``<out>/<device>.md``
 (``<device>-quick.*`` for ``--quick``).  Nothing here asserts on time.
+
+This harness is not part of the installed package: it lives in the repository's
+``benchmarks/`` folder, and its subprocesses run this same file (``--child``).
 """
 
 from __future__ import annotations
@@ -46,15 +52,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mnist_jax.atomic import write_atomic
+if __name__ == "__main__":  # a script (so is every child, see run_child): this checkout's code
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnist_jax.atomic import write_atomic  # noqa: E402
+from mnist_jax.names import MODELS  # noqa: E402
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 ADAM_EPS = 1e-7
-MODELS = ("mlp", "cnn", "convnet")
-# keras.io's small "Simple MNIST convnet" (models.create_model("convnet")): the model
-# that issue #3's planning figures (0.9 TFLOP per epoch, Keras 64 s/epoch) describe; the
-# targets are held against the default CNN, the convnet's figures are reported beside it.
+# Benchmarked: every built-in model (MODELS).  "convnet" is keras.io's small "Simple
+# MNIST convnet" (models.create_model("convnet")): the model that issue #3's planning
+# figures (0.9 TFLOP per epoch, Keras 64 s/epoch) describe; the targets are held against
+# the default CNN, the convnet's figures are reported beside it.
 PEERS = ("keras", "torch")
 PEER_TITLES = {"ours": "mnist-jax", "keras": "Keras 3 (JAX backend)", "torch": "PyTorch eager"}
 # Importable module of each peer; a peer whose module is not installed is "missing".
@@ -143,8 +153,9 @@ def measured_epochs(epoch_seconds: Sequence[float], warmup: int = 1) -> list[flo
 
 def training_flops(model_name: str, **model_kwargs: Any) -> dict[str, int]:
     """Matmul FLOPs per image of ``model_name`` (forward and one training step)."""
-    from mnist_jax import models
-    return models.flops_per_example(models.create_model(model_name, **model_kwargs))
+    from mnist_jax.models import create_model
+    from mnist_jax.summary import flops_per_example
+    return flops_per_example(create_model(model_name, **model_kwargs))
 
 
 def achieved_gflops(train_flops_per_image: float, images_per_second: float) -> float:
@@ -552,8 +563,8 @@ def measure_bf16(model_name: str, ds, steps: int, train_images: int | None, reps
 # ---------------------------------------------------------------------------------------
 def run_child(task: dict[str, Any], timeout: float, env: dict[str, str] | None = None
               ) -> dict[str, Any]:
-    """Run ``python -m mnist_jax.bench --child TASK`` and return the result it prints."""
-    cmd = [sys.executable, "-m", "mnist_jax.bench", "--child", json.dumps(task)]
+    """Run ``python benchmarks/bench.py --child TASK`` and return the result it prints."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(task)]
     # Several JAX processes share one GPU: none may grab 75 % of its memory up front.
     full_env = dict({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, **os.environ, **(env or {}))
     started = time.time()
@@ -794,8 +805,16 @@ def _child_torch(task: dict[str, Any], ds) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``mnist-jax bench`` flags (also used by ``benchmarks/run_benchmarks.py``)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2), as the ``mnist-jax`` command has it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "bench.py") -> argparse.ArgumentParser:
+    """The benchmark's flags (``mnist-jax bench`` passes its arguments through to them)."""
+    p = _Parser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CI-sized smoke run: small subsets, few steps (writes <device>-quick.*)")
     p.add_argument("--models", default=",".join(MODELS),
@@ -812,6 +831,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic digits instead of MNIST (smoke tests without the data)")
     p.add_argument("--peer-timeout", type=float, default=1800.0,
                    help="seconds before a peer or the time-to-accuracy run is abandoned")
+    return p
 
 
 def _parse_list(text: str, allowed: Sequence[str], flag: str) -> list[str]:
@@ -829,7 +849,20 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "bench.py") -> int:
+    """Parse the benchmark's flags from ``argv`` (default: ``sys.argv[1:]``) and run it;
+    bad flag values or data end with one line and the error's exit code."""
+    from mnist_jax.errors import MnistJaxError
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return run(args)
+    except MnistJaxError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole benchmark; writes ``<args.out>/<device>[-quick].{json,md}``."""
     import jax
 
     models_ = _parse_list(args.models, MODELS, "--models")
@@ -929,7 +962,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main_child(argv: Sequence[str]) -> int:
-    """``python -m mnist_jax.bench --child TASK_JSON``: one peer/TTA measurement."""
+    """``python benchmarks/bench.py --child TASK_JSON``: one peer/TTA measurement."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     task = json.loads(argv[1])
     try:
@@ -945,6 +978,4 @@ def _main_child(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(_main_child(sys.argv[1:]))
-    parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Specification of mnist_jax.summary: parameter counts, the Keras-style table, FLOPs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from _model_helpers import random_params
+
+from mnist_jax.models import CNN, MLP, create_model
+from mnist_jax.summary import count_params, flops_per_example, summary
+
+
+def test_count_params_counts_every_scalar_of_a_tree() -> None:
+    tree = {"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5), jnp.zeros(())], "c": {}}
+    assert count_params(tree) == 3 * 4 + 5 + 1
+    assert count_params({}) == 0
+
+
+def test_summary_lists_every_layer_and_totals() -> None:
+    text = summary(CNN())
+    for name in ("conv_0 (Conv)", "conv_1 (Conv)", "pool_1 (MaxPool)", "conv_dropout (Dropout)",
+                 "flatten (Flatten)", "dense_0 (Dense)", "dense_1 (Dense)"):
+        assert name in text
+    assert "(None, 12, 12, 64)" in text and "(None, 9216)" in text
+    assert "Total params: 1,199,882" in text and "1,179,776" in text
+    assert max(map(len, text.splitlines())) <= 80
+    mlp = summary(MLP())
+    for name in ("dense_0 (Dense)", "dropout_0 (Dropout)", "act_0 (Activation)", "dense_1 (Dense)"):
+        assert name in mlp
+    assert "Total params: 623,290" in mlp and "615,440" in mlp
+
+
+def test_flops_of_the_convnet_from_its_layer_shapes() -> None:
+    # 2*MACs: 26*26*32*9 + 11*11*64*288 + 1600*10; training adds dW (all) and dX (not conv_0)
+    f = flops_per_example(create_model("convnet"))
+    assert f["forward"] == 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 10)
+    assert f["train"] == 2 * (2 * 26 * 26 * 32 * 9 + 3 * (11 * 11 * 64 * 288 + 1600 * 10))
+
+
+def test_flops_per_example() -> None:
+    # MACs per layer; forward 2*MACs, training 4*MACs for the first layer (forward and
+    # weight gradient) and 6*MACs for the others (plus the input gradient)
+    conv0, rest = 26 * 26 * 32 * 3 * 3 * 1, 24 * 24 * 64 * 3 * 3 * 32 + 9216 * 128 + 128 * 10
+    assert flops_per_example(CNN()) == {"forward": 2 * (conv0 + rest),
+                                        "train": 4 * conv0 + 6 * rest}
+    dense0, dense1 = 784 * 784, 784 * 10
+    assert flops_per_example(MLP()) == {"forward": 2 * (dense0 + dense1),
+                                        "train": 4 * dense0 + 6 * dense1}
+    m = CNN(impl="xla", pool_after=(True, True))
+    f = flops_per_example(m)
+    # XLA's own count (loop-free program) agrees within a few % (it adds elementwise ops)
+    # on the CPU backend: a GPU's convolutions are library calls that XLA does not count
+    cpu = jax.devices("cpu")[0]
+    x = jax.device_put(jnp.zeros((8, 28, 28)), cpu)
+    p = jax.device_put(random_params(m), cpu)
+    cost = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False)).lower(p, x).compile()
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert f["forward"] <= cost["flops"] / 8 <= 1.05 * f["forward"]

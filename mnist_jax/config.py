@@ -182,7 +182,10 @@ class TrainConfig:
             if not 0.0 <= value < 1.0:
                 raise bad(flag, value, "must be in [0, 1)")
         from mnist_jax.augment import AugmentSpec
-        AugmentSpec.parse(self.augment)  # raises UsageError naming the bad part
+        try:
+            AugmentSpec.parse(self.augment)
+        except UsageError as e:  # "invalid augmentation TEXT: why" → "invalid --augment TEXT: why"
+            raise bad("--augment", self.augment, str(e).split(": ", 1)[-1]) from None
         if self.epochs < 1:
             raise bad("--epochs", self.epochs, "must be at least 1")
         if self.batch_size < 1:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mnist_jax.config import TrainConfig, add_config_flags, config_from_args
+from mnist_jax.config import RECIPES, TrainConfig, add_config_flags, config_from_args
 from mnist_jax.errors import UsageError
 
 
@@ -45,7 +45,11 @@ def test_lists_of_seeds_and_learning_rates():
     ("learning_rates", (float("nan"),), "--lr"), ("learning_rates", (-1.0,), "--lr"),
     ("model", "resnet", "--model"), ("validation_split", 1.0, "--validation-split"),
     ("seeds", (1, 1), "--seeds"), ("devices", 0, "--devices"),
-    ("lr_schedule", "step", "--lr-schedule"),
+    ("lr_schedule", "step", "--lr-schedule"), ("optimizer", "rmsprop", "--optimizer"),
+    ("betas", (0.9,), "--betas"), ("warmup", 1.0, "--warmup"),
+    ("label_smoothing", -0.1, "--label-smoothing"), ("augment", "rotation=x", "--augment"),
+    ("augment", "spin=3", "--augment"), ("model_args", "[1]", "--model-args"),
+    ("recipe", "fastest", "--recipe"),
 ])
 def test_invalid_values_are_usage_errors_naming_the_flag(field, value, flag):
     with pytest.raises(UsageError, match=flag):
@@ -69,3 +73,37 @@ def test_a_config_survives_its_config_json():
     assert TrainConfig.from_dict({**saved, "a_later_field": 1}) == c
     with pytest.raises(UsageError, match="--epochs"):
         TrainConfig.from_dict({**saved, "epochs": 0})
+
+
+def test_a_recipe_sets_every_value_and_the_flags_given_override_it():
+    speedrun = parse("--recipe", "speedrun")
+    assert speedrun == TrainConfig.from_recipe("speedrun")
+    assert (speedrun.model, speedrun.epochs, speedrun.batch_size) == ("smallcnn", 1, 256)
+    assert speedrun.learning_rates == (1e-2,) and speedrun.betas == (0.7, 0.9)
+    assert speedrun.lr_schedule == "onecycle" and speedrun.recipe == "speedrun"
+    tweaked = parse("--recipe", "speedrun", "--epochs", "2", "--seeds", "0,1")
+    assert tweaked.epochs == 2 and tweaked.seeds == (0, 1) and tweaked.learning_rates == (1e-2,)
+    # a flag equal to TrainConfig's default still overrides a recipe that changed it
+    assert parse("--recipe", "keras-cnn", "--model", "mlp").model == "mlp"
+    assert TrainConfig.from_recipe("best", epochs=3).augment == RECIPES["best"]["augment"]
+    assert parse() == TrainConfig.from_recipe("tutorial") == TrainConfig()
+    with pytest.raises(UsageError, match="unknown recipe"):
+        TrainConfig.from_recipe("fastest")
+
+
+def test_config_json_records_the_recipe_and_every_resolved_value():
+    saved = json.loads(json.dumps(parse("--recipe", "best", "--epochs", "2").to_dict()))
+    assert saved["recipe"] == "best" and saved["epochs"] == 2
+    assert saved["label_smoothing"] == RECIPES["best"]["label_smoothing"]
+    assert TrainConfig.from_dict(saved) == parse("--recipe", "best", "--epochs", "2")
+
+
+def test_help_lists_the_recipes(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in RECIPES:
+        assert name in text
+    assert "--lr 0.01" in text  # what the speedrun recipe sets

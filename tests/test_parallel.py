@@ -136,14 +136,14 @@ def test_batch_that_does_not_split_over_the_devices_is_a_usage_error(tmp_path):
     assert len(err) == 1 and "--batch-size 100" in err[0] and "8 devices" in err[0], err
 
 
-def _two_processes(cmd, tmp_path, **popen):
+def _two_processes(cmd, tmp_path, env=None, **popen):
     port = _free_port()
     procs = []
     for i in range(2):
         log = open(tmp_path / f"proc{i}.log", "w")
         procs.append(subprocess.Popen([*cmd, "--coordinator", f"127.0.0.1:{port}",
                                        "--num-processes", "2", "--process-id", str(i)],
-                                      env=_env(1), stdout=log, stderr=subprocess.STDOUT,
+                                      env=env or _env(1), stdout=log, stderr=subprocess.STDOUT,
                                       text=True, **popen))
     return procs
 
@@ -201,3 +201,25 @@ def test_a_killed_process_makes_the_other_fail_quickly(tmp_path):
     from mnist_jax.checkpoint import Checkpointer
     with Checkpointer(run / "checkpoints") as ckpt:
         assert ckpt.latest() is not None and ckpt.latest() >= 1
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_JAX_DATA_DIR"), reason="needs MNIST_JAX_DATA_DIR")
+def test_a_two_process_run_on_one_host_with_a_cold_cache_trains(tmp_path):
+    """Both processes load MNIST at once into an empty cache (one prepares, the other
+    waits on the cache's lock), then train together; process 0 writes the run."""
+    run, cache = tmp_path / "run", tmp_path / "cold-cache"
+    cmd = [sys.executable, "-m", "mnist_jax.cli", "train", "--epochs", "1", "--hidden", "32",
+           "--batch-size", "256", "--quiet", "--out", str(run)]
+    procs = _two_processes(cmd, tmp_path, env={**_env(1), "MNIST_JAX_CACHE_DIR": str(cache)})
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["device"]["process_count"] == 2
+    assert results["test_accuracy"] > 0.9
+    assert len(list(cache.glob("mnist-*.npz"))) == 1  # prepared once, shared

@@ -1,0 +1,92 @@
+"""A whole run as library calls: ``mj.train_run`` writes what ``mnist-jax train`` writes,
+for a user's module too, and ``mj.load_run`` reads it back.
+
+Small synthetic digits keep these fast; the real-data runs are in test_usermodel.py,
+test_resume.py and test_training_failures.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optax
+import pytest
+
+import mnist_jax as mj
+from mnist_jax.data import synthetic_digits
+from mnist_jax.errors import UsageError
+from mnist_jax.lifecycle import check_resume_config
+from mnist_jax.run import MEMORY_LIMIT_ENV
+from mnist_jax.usermodel import build_user_model
+
+NET = Path(__file__).resolve().parent / "assets" / "net.py"
+
+
+@pytest.fixture(scope="module")
+def digits() -> mj.Dataset:
+    rng = np.random.default_rng(0)
+    tx, ty = synthetic_digits(rng, 1024)
+    vx, vy = synthetic_digits(rng, 256)
+    return mj.Dataset("mnist", tx, ty.astype(np.int32), vx, vy.astype(np.int32), "synthetic")
+
+
+def small_net():
+    return build_user_model(f"{NET}:Net", '{"features": [4], "hidden": 16}')
+
+
+def test_train_run_writes_a_run_that_load_run_reads_back_for_a_user_model(digits, tmp_path):
+    config = mj.TrainConfig(epochs=2, batch_size=64, seeds=(0, 1), checkpoint_every=1)
+    lines: list[str] = []
+    outcome = mj.train_run(config, tmp_path / "run", model=small_net(),
+                           optimizer=optax.adam(3e-3), dataset=digits, progress=False,
+                           log=lines.append)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "results.json",
+                                                 "params.msgpack", "checkpoints", "tb"}
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and len(results["per_model"]) == 2
+    assert results["config"]["model"] == f"{NET}:Net"  # where the module came from
+    assert json.loads(results["config"]["model_args"]) == {"features": [4], "hidden": 16,
+                                                           "num_classes": 10}
+    assert 0.0 <= results["ensemble_test_accuracy"] <= 1.0
+    assert any("Net" in line for line in lines)  # the summary went to the log
+
+    loaded = mj.load_run(run)  # the model rebuilt from config.json alone
+    assert set(loaded.state.model_state) == {"batch_stats"}
+    for i in range(2):
+        scores = mj.evaluate(loaded.model_state(i), digits.test_images, digits.test_labels)
+        assert scores["accuracy"] == pytest.approx(results["test_accuracy"][i], abs=1e-6)
+    np.testing.assert_array_equal(
+        mj.predict_classes(loaded.model_state(0), digits.test_images[:30]), outcome.first_classes)
+
+
+def test_train_run_refuses_a_user_model_that_does_not_fit_before_writing(digits, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1000")
+    with pytest.raises(UsageError, match="does not fit"):
+        mj.train_run(mj.TrainConfig(epochs=1, batch_size=64), tmp_path / "run",
+                     model=small_net(), optimizer=optax.sgd(0.1), dataset=digits,
+                     progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_loss_of_the_users_halts_training(digits):
+    def exploding(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels) * np.inf
+    with pytest.raises(mj.TrainingDiverged, match="epoch 1, step 0"):
+        mj.fit(mj.TrainConfig(epochs=1, batch_size=64), digits, model=small_net(),
+               optimizer=optax.sgd(0.1), loss=exploding)
+
+
+def test_resume_may_extend_a_constant_run_but_not_a_scheduled_one():
+    """A schedule spans the run's --epochs: more epochs would change every step's rate."""
+    check_resume_config(mj.TrainConfig(epochs=5), mj.TrainConfig(epochs=10))
+    for schedule in ("cosine", "onecycle"):
+        planned = mj.TrainConfig(epochs=5, lr_schedule=schedule)
+        check_resume_config(planned, planned)
+        with pytest.raises(UsageError, match="epochs"):
+            check_resume_config(planned, mj.TrainConfig(epochs=10, lr_schedule=schedule))
+    with pytest.raises(UsageError, match="augment"):
+        check_resume_config(mj.TrainConfig(), mj.TrainConfig(augment="translate=2"))

@@ -93,3 +93,19 @@ def test_usage_errors_are_one_line_and_exit_2():
     assert len(proc.stderr.strip().splitlines()) == 1 and "--epochs" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+@pytest.mark.realdata
+def test_a_log_gets_one_plain_line_per_epoch_and_evaluate_shows_keras_loss(env, tmp_path):
+    """stderr that is no terminal (CI, ``> log``, nohup): Keras' verbose=2 lines, no bar
+    redraws; the final line gives the exact loss and Keras' clipped figure side by side."""
+    proc = subprocess.run([sys.executable, "-m", "mnist_jax.cli", "train", "--epochs", "3",
+                           "--hidden", "32", "--batch-size", "512", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" - ")[0] for line in epochs] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert all("test_acc" in line for line in epochs)
+    final = next(line for line in proc.stdout.splitlines() if line.startswith("test loss"))
+    assert "as Keras reports it" in final and "test accuracy" in final

@@ -68,13 +68,12 @@ def test_divergence_after_good_epochs_keeps_their_checkpoints_and_resume_continu
     import mnist_jax.run as run_mod
     real_fit = run_mod.fit
 
-    def fit_that_diverges_in_epoch_3(config, dataset, *, state, history, on_epoch):
+    def fit_that_diverges_in_epoch_3(config, dataset, *, on_epoch, **kwargs):
         def on_epoch_then_nan(epoch, st, row):
             on_epoch(epoch, st, row)
             if epoch == 2:
                 raise TrainingDiverged(3, 5, st)
-        return real_fit(config, dataset, state=state, history=history,
-                        on_epoch=on_epoch_then_nan)
+        return real_fit(config, dataset, on_epoch=on_epoch_then_nan, **kwargs)
 
     run = tmp_path / "run"
     monkeypatch.setattr(run_mod, "fit", fit_that_diverges_in_epoch_3)

@@ -384,8 +384,17 @@ def _pm(mean: float | None, std: float | None, pct: bool = False) -> str:
     return f"{mean:.2%} ± {std:.2%}" if pct else f"{mean:.4f} ± {std:.4f}"
 
 
+def _pct(value: Any) -> str:
+    """A fraction as a percentage; "–" when missing, not a number or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.2%}"
+
+
 def _summary_lines(rows: list[dict[str, Any]], results: dict[str, Any], n_models: int) -> list[str]:
-    """The summary table: test loss/accuracy (mean ± std and a per-model table if several)."""
+    """The summary table: test loss/accuracy; for several models their mean ± std, the
+    lowest model's accuracy, the ensemble's accuracy (when results.json records it) and a
+    per-model table."""
     last = rows[-1]
     loss = results.get("test_loss", last.get("test_loss"))
     acc = results.get("test_accuracy", last.get("test_accuracy"))
@@ -398,9 +407,14 @@ def _summary_lines(rows: list[dict[str, Any]], results: dict[str, Any], n_models
         loss_arr = _as_float_array(loss) if loss is not None else np.array([np.nan])
         loss_mean = results.get("test_loss_mean", _stats(loss_arr)[0])
         loss_std = results.get("test_loss_std", _stats(loss_arr)[1])
+        low = results.get("test_accuracy_min", _stats(acc_arr)[2])
         lines += [f"| models | {n_models} |",
                   f"| test accuracy (mean ± std over {n_models} models) | {_pm(mean, std, True)} |",
-                  f"| test loss (mean ± std) | {_pm(loss_mean, loss_std)} |"]
+                  f"| test accuracy (min over {n_models} models) | {_pct(low)} |"]
+        if "ensemble_test_accuracy" in results:  # runs from before ensembles lack it
+            lines.append(f"| ensemble test accuracy (mean of the {n_models} models' "
+                         f"probabilities) | {_pct(results['ensemble_test_accuracy'])} |")
+        lines.append(f"| test loss (mean ± std) | {_pm(loss_mean, loss_std)} |")
     else:
         lines += [f"| test loss | {_fmt(loss)} |", f"| test accuracy | {_fmt(acc, pct=True)} |"]
     if n_models > 1:

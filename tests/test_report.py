@@ -54,6 +54,7 @@ def _write_run(run_dir: Path, *, models: int = 1, epochs: int = 5, results: bool
         accs = [0.9811, 0.9833, 0.9855][:models]
         res = {"config": config, "test_loss": [0.05] * models, "test_accuracy": accs,
                "test_accuracy_mean": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
+               "test_accuracy_min": float(np.min(accs)), "ensemble_test_accuracy": 0.9872,
                "per_model": [{"seed": s, "lr": 0.001 * (s + 1), "test_loss": 0.05,
                               "test_accuracy": a} for s, a in enumerate(accs)]}
     if results:
@@ -189,6 +190,52 @@ def test_write_report_files_and_contents(tmp_path, models):
     # per-epoch table: one row per epoch
     epochs = text.split("## Per-epoch metrics")[1].split("## ")[0]
     assert re.findall(r"^\| (\d+) \|", epochs, flags=re.M) == ["1", "2", "3", "4", "5"]
+
+
+def _summary_table(text: str) -> dict[str, str]:
+    """report.md's summary table as {metric: value} (the per-model table excluded)."""
+    summary = text.split("## Summary")[1].split("###")[0].split("## ")[0]
+    return dict(re.findall(r"^\| (.+?) \| (.+?) \|$", summary, flags=re.M))
+
+
+def test_summary_of_several_models_shows_mean_min_and_ensemble(tmp_path):
+    res = _write_run(tmp_path, models=3)
+    images, labels, probs = _test_set()
+    table = _summary_table(write_report(tmp_path, test_images=images, test_labels=labels,
+                                        probs=probs).read_text())
+    mean, std = res["test_accuracy_mean"], res["test_accuracy_std"]
+    assert table["test accuracy (mean ± std over 3 models)"] == f"{mean:.2%} ± {std:.2%}"
+    assert table["test accuracy (min over 3 models)"] == f"{min(res['test_accuracy']):.2%}"
+    assert table["ensemble test accuracy (mean of the 3 models' probabilities)"] == \
+        f"{res['ensemble_test_accuracy']:.2%}"
+
+
+def test_summary_without_recorded_ensemble_or_min(tmp_path):
+    """A run from before ensembles were recorded: no ensemble row, the min from the
+    per-model accuracies; a damaged ensemble value shows as "–", not a traceback."""
+    res = _write_run(tmp_path, models=3)
+    images, labels, probs = _test_set()
+    for key in ("ensemble_test_accuracy", "test_accuracy_min"):
+        del res[key]
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    table = _summary_table(write_report(tmp_path, test_images=images, test_labels=labels,
+                                        probs=probs).read_text())
+    assert not any("ensemble" in k for k in table)
+    assert table["test accuracy (min over 3 models)"] == f"{min(res['test_accuracy']):.2%}"
+
+    (tmp_path / "results.json").write_text(json.dumps(dict(res, ensemble_test_accuracy="?")))
+    table = _summary_table(write_report(tmp_path, test_images=images, test_labels=labels,
+                                        probs=probs).read_text())
+    assert table["ensemble test accuracy (mean of the 3 models' probabilities)"] == "–"
+
+
+def test_summary_of_one_model_has_no_ensemble(tmp_path):
+    _write_run(tmp_path, models=1)
+    images, labels, probs = _test_set()
+    table = _summary_table(write_report(tmp_path, test_images=images, test_labels=labels,
+                                        probs=probs).read_text())
+    assert table["test accuracy"] == "98.76%"
+    assert not any("ensemble" in k or "min" in k for k in table)
 
 
 def test_write_report_without_results_and_long_run(tmp_path):

@@ -20,6 +20,8 @@ from mnist_jax.names import DATASETS, IMPLS, MODELS
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+CUSTOM = "custom"
+"""``optimizer`` as recorded for a run trained with an optax optimizer of the user's."""
 
 RECIPES: dict[str, dict[str, Any]] = {
     # The Keras tutorial: the 784-784-10 MLP, Adam(1e-3), 100 epochs at batch 128.
@@ -161,7 +163,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value not in choices and not (f.name == "optimizer" and value == CUSTOM):
                 raise bad(_flag(f), value, f"choose from {', '.join(choices)}")
         if self.model not in MODELS and ":" not in self.model:
             raise bad("--model", self.model, f"choose from {', '.join(MODELS)}, or give "

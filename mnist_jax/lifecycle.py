@@ -23,7 +23,7 @@ import numpy as np
 
 from mnist_jax import data as data_lib
 from mnist_jax import parallel
-from mnist_jax.config import TrainConfig
+from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError
 from mnist_jax.rundir import RunDir
 
@@ -89,8 +89,12 @@ def check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
                          f"(saved: {', '.join(f'{k}={a[k]}' for k in diff)})")
 
 
-def _record_model(config: TrainConfig, model) -> TrainConfig:
-    """``config`` with ``model``/``model_args`` saying where a user's module comes from."""
+def _record_run(config: TrainConfig, model, optimizer) -> TrainConfig:
+    """``config`` as ``config.json`` records it: ``model``/``model_args`` saying where a
+    user's module comes from, ``optimizer="custom"`` for an optax optimizer of the user's
+    (whose settings ``config`` cannot hold)."""
+    if optimizer is not None:
+        config = dataclasses.replace(config, optimizer=CUSTOM)
     if model is None:
         if not config.is_builtin_model:
             from mnist_jax.usermodel import normalize_spec
@@ -129,7 +133,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     t_start = time.perf_counter()
     multi = jax.process_count() > 1
     primary = parallel.is_primary()
-    config = _record_model(config.validate(), model)
+    config = _record_run(config.validate(), model, optimizer)
     out = Path(out) if out is not None else default_run_dir(config)
     if primary:  # refusals first: nothing is loaded, written or deleted before them
         RunDir.check_for_training(out, resume=resume, overwrite=overwrite)

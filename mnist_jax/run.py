@@ -20,7 +20,7 @@ import numpy as np
 
 from mnist_jax import data as data_lib
 from mnist_jax import models, parallel
-from mnist_jax.config import TrainConfig
+from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError
 from mnist_jax.augment import AugmentSpec
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
@@ -81,6 +81,9 @@ def build_optimizer(config: TrainConfig, train_examples: int = data_lib.TRAIN_EX
     """The optax optimizer that ``config`` describes (its first learning rate; a sweep
     sets each model's own in its state). ``train_examples`` (before the validation
     split) sets the length of a scheduled run."""
+    if config.optimizer == CUSTOM:
+        raise UsageError("this run was trained with an optax optimizer of the user's: pass it "
+                         "again (optimizer=...) to continue it")
     # (at least 1 step: a batch larger than the data is refused later, with its own message)
     return make_optimizer(config.learning_rates[0], config.adam_eps, config.lr_schedule,
                           max(1, config.total_steps(train_examples)), name=config.optimizer,

@@ -48,6 +48,7 @@ def test_train_run_writes_a_run_that_load_run_reads_back_for_a_user_model(digits
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and len(results["per_model"]) == 2
     assert results["config"]["model"] == f"{NET}:Net"  # where the module came from
+    assert results["config"]["optimizer"] == "custom"  # not the config's Adam, never used
     assert json.loads(results["config"]["model_args"]) == {"features": [4], "hidden": 16,
                                                            "num_classes": 10}
     assert 0.0 <= results["ensemble_test_accuracy"] <= 1.0
@@ -90,3 +91,15 @@ def test_resume_may_extend_a_constant_run_but_not_a_scheduled_one():
             check_resume_config(planned, mj.TrainConfig(epochs=10, lr_schedule=schedule))
     with pytest.raises(UsageError, match="augment"):
         check_resume_config(mj.TrainConfig(), mj.TrainConfig(augment="translate=2"))
+
+
+def test_a_custom_optimizer_run_continues_only_with_the_optimizer_given_again(digits, tmp_path):
+    config = mj.TrainConfig(epochs=1, batch_size=64)
+    quiet = dict(dataset=digits, progress=False, log=lambda s: None)
+    mj.train_run(config, tmp_path / "run", model=small_net(), optimizer=optax.sgd(0.1), **quiet)
+    with pytest.raises(UsageError, match="optimizer"):  # the config's Adam is not what ran
+        mj.train_run(mj.TrainConfig(epochs=2, batch_size=64), tmp_path / "run", resume=True,
+                     model=small_net(), **quiet)
+    again = mj.train_run(mj.TrainConfig(epochs=2, batch_size=64), tmp_path / "run", resume=True,
+                         model=small_net(), optimizer=optax.sgd(0.1), **quiet)
+    assert len(again.result.history) == 2

@@ -825,6 +825,8 @@ import torch.nn.functional as F
 from torch import nn
 
 args = json.loads(sys.argv[1])
+if args.get("threads"):
+    torch.set_num_threads(args["threads"])
 torch.manual_seed(args["seed"])
 data = np.load(args["data"])
 MEAN, STD, BATCH = 0.1307, 0.3081, 256
@@ -943,7 +945,8 @@ def format_speedrun_markdown(results: dict[str, Any]) -> str:
            "a cold process, interleaved; medians.", "",
            "| | training s | whole process s | compile s | test accuracy |", "|---|---|---|---|---|"]
     t, o = s["torch"], s["ours"]
-    out.append(f"| PyTorch {results.get('torch_version', '?')} (the record's script) | "
+    threads = f", {results['torch_threads']} threads" if results.get("torch_threads") else ""
+    out.append(f"| PyTorch {results.get('torch_version', '?')} (the record's script{threads}) | "
                f"{f(t['train_seconds'], '.2f')} | {f(t['process_seconds'], '.2f')} | - | "
                f"{f(t['test_accuracy'], '.4f')} |")
     out.append(f"| mnist-jax `train --recipe speedrun` | {f(o['train_seconds'], '.2f')} | "
@@ -996,10 +999,12 @@ def _timed_process(cmd: list[str], env: dict[str, str], timeout: float
     return proc, time.perf_counter() - t
 
 
-def _speedrun_torch(data_file: Path, seed: int, timeout: float) -> dict[str, Any]:
+def _speedrun_torch(data_file: Path, seed: int, timeout: float, threads: int | None = None
+                    ) -> dict[str, Any]:
     if not peer_available("torch"):
         return missing("torch is not installed")
-    args = json.dumps({"data": str(data_file), "seed": seed, "prefix": RESULT_PREFIX})
+    args = json.dumps({"data": str(data_file), "seed": seed, "prefix": RESULT_PREFIX,
+                       "threads": threads})
     proc, seconds = _timed_process([sys.executable, "-c", TORCH_SPEEDRUN_SCRIPT, args],
                                    dict(os.environ), timeout)
     if proc is None:
@@ -1067,7 +1072,8 @@ def run_speedrun(args: argparse.Namespace) -> int:
             for side in order:
                 _log(f"speedrun round {r + 1}/{args.rounds}: {side}")
                 load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-                runs[side].append(dict(_speedrun_torch(data_file, r, args.peer_timeout)
+                runs[side].append(dict(_speedrun_torch(data_file, r, args.peer_timeout,
+                                                       args.torch_threads)
                                        if side == "torch" else
                                        _speedrun_ours(Path(tmp) / "run", 1, args.peer_timeout),
                                        load_before=load))
@@ -1081,10 +1087,12 @@ def run_speedrun(args: argparse.Namespace) -> int:
         "device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": "python benchmarks/bench.py --speedrun" + (
             f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
-            f" --speedrun-seeds {args.speedrun_seeds}" if args.speedrun_seeds != 16 else ""),
+            f" --speedrun-seeds {args.speedrun_seeds}" if args.speedrun_seeds != 16 else "") + (
+            f" --torch-threads {args.torch_threads}" if args.torch_threads else ""),
         "rounds": args.rounds, "load_start": load_start,
         "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch_version": torch_ok[0]["torch"] if torch_ok else None,
+        "torch_threads": torch_ok[0]["threads"] if torch_ok else None,
         "jax_version": jax.__version__, "cores": os.cpu_count(),
         "runs": runs, "summary": speedrun_summary(runs["torch"], runs["ours"]),
         "seeds_run": seeds_run,
@@ -1096,7 +1104,9 @@ def run_speedrun(args: argparse.Namespace) -> int:
             "data, compilation, training, evaluation of the 10,000 test images and, for "
             "mnist-jax, writing the run folder with its checkpoint). Both read the data from a "
             "warm cache: mnist-jax its own, PyTorch the same arrays in an uncompressed .npz.",
-            "PyTorch: its default threads (torch.get_num_threads() in the JSON), eager mode, "
+            "PyTorch: " + (f"torch.set_num_threads({args.torch_threads})"
+                           if args.torch_threads else "its default threads")
+            + " (torch.get_num_threads() in the JSON), eager mode, "
             "the script in benchmarks/bench.py (TORCH_SPEEDRUN_SCRIPT) written from the "
             "record's description; seed = round number.",
             "The CPU is shared with other work: medians of interleaved runs; see the load "
@@ -1146,6 +1156,9 @@ def build_parser(prog: str = "bench.py") -> argparse.ArgumentParser:
     p.add_argument("--speedrun-seeds", type=int, default=16,
                    help="--speedrun: then one run of this many seeds in one program (0: none; "
                         "default 16)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="--speedrun: torch.set_num_threads for the PyTorch script (default: "
+                        "PyTorch's own choice)")
     p.add_argument("--no-tta", action="store_true", help="skip the time-to-99%% run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 comparison")
     p.add_argument("--out", default="benchmarks/results",

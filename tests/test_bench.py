@@ -291,6 +291,8 @@ def test_speedrun_markdown_shows_both_sides_ratios_and_the_seeds():
                "summary": bench.speedrun_summary(torch_runs, ours_runs), "notes": ["a note"]}
     md = bench.format_speedrun_markdown(results)
     assert "| PyTorch 2.x (the record's script) | 6.00 | 10.00 | - | 0.9912 |" in md
+    threads = bench.format_speedrun_markdown(dict(results, torch_threads=1))
+    assert "| PyTorch 2.x (the record's script, 1 threads) |" in threads
     assert "| mnist-jax `train --recipe speedrun` | 2.00 | 6.50 | 3.00 | 0.9905 |" in md
     assert "| train seconds | 0.333 | <= 0.5 | yes |" in md
     assert "| process seconds | 0.650 | <= 0.75 | yes |" in md
@@ -306,8 +308,9 @@ def test_speedrun_markdown_shows_both_sides_ratios_and_the_seeds():
 
 def test_speedrun_flags_parse_and_bad_counts_are_usage_errors():
     args = bench.build_parser().parse_args(["--speedrun", "--rounds", "2",
-                                            "--speedrun-seeds", "0"])
+                                            "--speedrun-seeds", "0", "--torch-threads", "1"])
     assert args.speedrun and args.rounds == 2 and args.speedrun_seeds == 0
+    assert args.torch_threads == 1
     assert not bench.build_parser().parse_args([]).speedrun
     from mnist_jax.errors import UsageError
     with pytest.raises(UsageError):

@@ -223,3 +223,126 @@ def test_the_peers_train_our_models(peer, monkeypatch):
         ours = create_model(name)
         params = ours.init(jax.random.key(0), np.zeros((1, 28, 28), np.float32), train=False)
         assert count(build(name)) == count_params(params["params"]), name
+
+
+# ---- the speedrun peer (--speedrun) ------------------------------------------------------
+
+def _ours_results(accs, epoch_seconds=(8.0,), status="completed"):
+    return {"status": status, "test_accuracy": accs, "epoch_seconds": list(epoch_seconds),
+            "compile_seconds": 3.0, "data_seconds": 0.2, "total_seconds": 13.0}
+
+
+def test_seeds_flag_lists_seeds_from_zero():
+    assert bench.seeds_flag(1) == "0"
+    assert bench.seeds_flag(16).split(",") == [str(i) for i in range(16)]
+    with pytest.raises(ValueError):
+        bench.seeds_flag(0)
+
+
+def test_result_line_is_the_last_prefixed_json_line():
+    out = "\n".join(["noise", bench.RESULT_PREFIX + '{"a": 1}', "more",
+                     bench.RESULT_PREFIX + '{"a": 2, "status": "ok"}'])
+    assert bench.result_from_stdout(out) == {"a": 2, "status": "ok"}
+    assert bench.result_from_stdout("no result here\n") is None
+
+
+def test_ours_from_results_one_seed_and_many():
+    one = bench.ours_from_results(_ours_results(0.9905), process_seconds=15.0)
+    assert one["status"] == "ok" and one["seeds"] == 1
+    assert one["test_accuracy"] == 0.9905 == one["test_accuracy_mean"] == one["test_accuracy_min"]
+    assert (one["train_seconds"], one["compile_seconds"], one["process_seconds"]) == (8.0, 3.0, 15.0)
+    many = bench.ours_from_results(_ours_results([0.99, 0.992, 0.988, 0.994],
+                                                 epoch_seconds=(30.0,)), 40.0)
+    assert many["seeds"] == 4 and many["test_accuracy"] == [0.99, 0.992, 0.988, 0.994]
+    assert many["test_accuracy_mean"] == pytest.approx(0.991)
+    assert many["test_accuracy_min"] == 0.988
+    failed = bench.ours_from_results(_ours_results(0.5, status="failed"), 3.0)
+    assert failed["status"] == "error" and "failed" in failed["error"]
+
+
+def test_speedrun_summary_takes_medians_of_the_good_runs_and_checks_both_ratios():
+    torch_runs = [{"status": "ok", "train_seconds": t, "process_seconds": p, "test_accuracy": a}
+                  for t, p, a in ((6.0, 10.0, 0.990), (5.0, 9.0, 0.991), (7.0, 11.0, 0.992))]
+    torch_runs.append({"status": "timeout", "reason": "too slow"})
+    ours_runs = [dict(bench.ours_from_results(_ours_results(0.9905, (t,)), p))
+                 for t, p in ((2.0, 6.0), (3.0, 8.0), (2.5, 7.0))]
+    s = bench.speedrun_summary(torch_runs, ours_runs)
+    assert s["torch"]["runs"] == 4 and s["torch"]["ok"] == 3
+    assert s["torch"]["train_seconds"] == 6.0 and s["ours"]["train_seconds"] == 2.5
+    assert s["ours"]["compile_seconds"] == 3.0
+    assert s["ratios"]["train_seconds"] == pytest.approx(2.5 / 6.0)
+    assert s["ratios"]["process_seconds"] == pytest.approx(7.0 / 10.0)
+    assert s["targets"]["train_seconds"]["met"] is True        # 0.417 <= 0.5
+    assert s["targets"]["process_seconds"]["met"] is True      # 0.7 <= 0.75
+    slow = bench.speedrun_summary(torch_runs, [dict(ours_runs[0], process_seconds=9.0)])
+    assert slow["targets"]["process_seconds"]["met"] is False  # 0.9 > 0.75
+    none = bench.speedrun_summary([bench.missing("torch is not installed")], ours_runs)
+    assert none["ratios"]["train_seconds"] is None
+    assert none["targets"]["train_seconds"]["met"] is None
+
+
+def test_speedrun_markdown_shows_both_sides_ratios_and_the_seeds():
+    torch_runs = [{"status": "ok", "train_seconds": 6.0, "process_seconds": 10.0,
+                   "test_accuracy": 0.9912, "load_before": 1.5}]
+    ours_runs = [bench.ours_from_results(_ours_results(0.9905, (2.0,)), 6.5)]
+    seeds = bench.ours_from_results(_ours_results([0.991, 0.989], (4.0,)), 12.0)
+    results = {"device": "cpu-test", "date": "today", "rounds": 1, "torch_version": "2.x",
+               "runs": {"torch": torch_runs, "ours": ours_runs}, "seeds_run": seeds,
+               "summary": bench.speedrun_summary(torch_runs, ours_runs), "notes": ["a note"]}
+    md = bench.format_speedrun_markdown(results)
+    assert "| PyTorch 2.x (the record's script) | 6.00 | 10.00 | - | 0.9912 |" in md
+    threads = bench.format_speedrun_markdown(dict(results, torch_threads=1))
+    assert "| PyTorch 2.x (the record's script, 1 threads) |" in threads
+    assert "| mnist-jax `train --recipe speedrun` | 2.00 | 6.50 | 3.00 | 0.9905 |" in md
+    assert "| train seconds | 0.333 | <= 0.5 | yes |" in md
+    assert "| process seconds | 0.650 | <= 0.75 | yes |" in md
+    assert "--seeds 0,1" in md and "mean test accuracy 0.9900" in md
+    assert "(target >= 0.99: met)" in md and "minimum 0.9890" in md
+    assert "Per seed: 0.9910, 0.9890." in md and "- a note" in md
+    missing = dict(results, runs={"torch": [bench.missing("torch is not installed")],
+                                  "ours": ours_runs},
+                   summary=bench.speedrun_summary([bench.missing("x")], ours_runs))
+    md = bench.format_speedrun_markdown(missing)
+    assert "not measured" in md and "torch: missing (torch is not installed)" in md
+
+
+def test_speedrun_flags_parse_and_bad_counts_are_usage_errors():
+    args = bench.build_parser().parse_args(["--speedrun", "--rounds", "2",
+                                            "--speedrun-seeds", "0", "--torch-threads", "1"])
+    assert args.speedrun and args.rounds == 2 and args.speedrun_seeds == 0
+    assert args.torch_threads == 1
+    assert not bench.build_parser().parse_args([]).speedrun
+    from mnist_jax.errors import UsageError
+    with pytest.raises(UsageError):
+        bench.run_speedrun(bench.build_parser().parse_args(["--speedrun", "--rounds", "0"]))
+
+
+def test_the_torch_speedrun_script_is_the_records_recipe_and_imports_no_jax():
+    """The peer script compiles, and names the record's settings (not run here: no torch
+    in CI); it never imports JAX or this project, so its process time is PyTorch's."""
+    script = bench.TORCH_SPEEDRUN_SCRIPT
+    compile(script, "torch_speedrun", "exec")
+    for piece in ("nn.Conv2d(1, 24, 5)", "nn.Conv2d(24, 32, 3)", "nn.Linear(800, 256)",
+                  "nn.Linear(256, 10)", "lr=1e-2, betas=(0.7, 0.9)", "OneCycleLR",
+                  "cycle_momentum=False", "MEAN, STD, BATCH = 0.1307, 0.3081, 256"):
+        assert piece in script, piece
+    assert "import jax" not in script and "mnist_jax" not in script
+
+
+def test_the_torch_speedrun_script_trains_and_reports(tmp_path):
+    """Where PyTorch is installed: the script trains on 512 synthetic images (2 steps),
+    evaluates and prints one result line, with JAX never imported."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (512, 28, 28), dtype=np.uint8),
+             train_labels=rng.integers(0, 10, 512).astype(np.uint8),
+             test_images=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+             test_labels=rng.integers(0, 10, 100).astype(np.uint8))
+    arg = json.dumps({"data": str(data), "seed": 0, "prefix": bench.RESULT_PREFIX})
+    proc = subprocess.run([sys.executable, "-c", bench.TORCH_SPEEDRUN_SCRIPT, arg],
+                          capture_output=True, text=True, timeout=300)
+    r = bench.result_from_stdout(proc.stdout)
+    assert r is not None, proc.stderr[-500:]
+    assert r["status"] == "ok" and r["steps"] == 2 and r["imported_jax"] is False
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0

@@ -56,14 +56,47 @@ def _assert_fast_matches_xla(xla: Any, fast: Any, params: Any, x: jax.Array, y: 
     close(gx_f, gx_x)
 
 
+# The two layouts the stack computes in: NHWC, and channel-major (CNHW) for every stack.
+LAYOUTS = {"nhwc": None, "channel-major": 1}
+
+
 @pytest.mark.usefixtures("full_fp32_matmuls")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fast_matches_xla_outputs_and_gradients(name: str) -> None:
+def test_fast_matches_xla_outputs_and_gradients(name: str, layout: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastconv, "CHANNEL_MAJOR_MIN_TAPS", LAYOUTS[layout])
     kw = CONFIGS[name]
     xla, fast = CNN(impl="xla", **kw), CNN(impl="fast", **kw)
     x = images(6, seed=len(name))
     params = random_params(xla, seed=len(name), bias=0.1)
     _assert_fast_matches_xla(xla, fast, params, x, jnp.arange(6) % 10)
+
+
+@pytest.mark.usefixtures("full_fp32_matmuls")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", ["speedrun-k5-k3", "convnet", "classic", "3conv-pool3-k4"])
+def test_fast_matches_xla_when_the_input_is_data(name: str, layout: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients wrt the parameters only, as in training: the stack skips its input
+    gradient, and channel-major computes the first layer pool-major, stores the hidden
+    activations and batches in padded chunks (7 = 3 chunks of 3 with 2 padded)."""
+    monkeypatch.setattr(fastconv, "CHANNEL_MAJOR_MIN_TAPS", LAYOUTS[layout])
+    kw = CONFIGS[name]
+    xla, fast = CNN(impl="xla", **kw), CNN(impl="fast", **kw)
+    x, y = images(7, seed=3), jnp.arange(7) % 10
+    params = random_params(xla, seed=3, bias=0.1)
+
+    def grads(m: Any):
+        def loss(p):
+            logits = m.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(7)})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jax.jit(jax.grad(loss))(params)
+
+    want = grads(xla)
+    jax.tree.map(close, grads(fast), want)  # one chunk
+    monkeypatch.setattr(fastconv, "_chunk_size", lambda n, per_example_bytes: min(n, 3))
+    jax.tree.map(close, grads(fast), want)
 
 
 @pytest.mark.usefixtures("full_fp32_matmuls")

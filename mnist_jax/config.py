@@ -68,7 +68,8 @@ class TrainConfig:
         "mlp", f"model to train: {', '.join(MODELS)}, or a Flax module of yours as "
         "path/to/file.py:ClassName or package.module:ClassName")
     model_args: str | None = _field(
-        None, "JSON object of constructor arguments for a --model of yours")
+        None, "JSON object of constructor arguments for the model: a preset's fields (e.g. "
+              "'{\"weight_init\": \"torch\"}') or those of a --model of yours")
     dataset: str = _field("mnist", "dataset to train on", choices=DATASETS)
     data_dir: str | None = _field(
         None, "folder with the IDX archives (default: $MNIST_JAX_DATA_DIR; neither: download "
@@ -134,7 +135,8 @@ class TrainConfig:
         return self.model in MODELS
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Overrides passed to :func:`mnist_jax.models.create_model`."""
+        """Overrides passed to :func:`mnist_jax.models.create_model` (``model_args`` last)."""
+        import json
         kw: dict[str, Any] = {"dtype": self.dtype}
         if self.model == "mlp":
             if self.hidden:
@@ -143,7 +145,8 @@ class TrainConfig:
                 kw["dropout"] = self.dropout
         else:
             kw["impl"] = self.impl
-        return kw
+        args = json.loads(self.model_args or "{}")
+        return {**kw, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v

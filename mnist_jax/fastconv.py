@@ -513,16 +513,18 @@ def conv_stack(x: jax.Array, ws: Sequence[jax.Array], bs: Sequence[jax.Array],
 
 
 class ConvParams(nn.Module):
-    """Declares ``nn.Conv``'s parameters (same names, shapes, initialisers)."""
+    """Declares ``nn.Conv``'s parameters (same names, shapes and, by default, initialisers)."""
 
     features: int
     kernel_size: int
     in_features: int
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array]:
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        kernel = self.param("kernel", self.kernel_init,
                             (k, k, self.in_features, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return kernel, bias

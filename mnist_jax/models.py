@@ -34,11 +34,34 @@ from mnist_jax.dropout import Dropout  # nn.Dropout with a cheap hashed mask
 from mnist_jax.names import IMPLS
 from mnist_jax.names import MODELS as MODEL_NAMES
 
-__all__ = ["MLP", "CNN", "BNCNN", "ACTIVATIONS", "MODEL_NAMES", "MNIST_MEAN_STD",
-           "create_model"]
+__all__ = ["MLP", "CNN", "BNCNN", "ACTIVATIONS", "MODEL_NAMES", "MNIST_MEAN_STD", "INITS",
+           "initializers", "create_model"]
 
 MNIST_MEAN_STD = (0.1307, 0.3081)
 """Mean and standard deviation of MNIST's training pixels in [0, 1] (torchvision's)."""
+
+INITS = ("lecun", "torch")
+"""Parameter initialisations of :class:`CNN`: Flax's default and PyTorch's."""
+
+
+def initializers(init: str, fan_in: int) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """``(kernel_init, bias_init)`` of a layer with ``fan_in`` inputs per output.
+
+    "lecun": Flax's default (LeCun normal kernel, zero bias). "torch": PyTorch's default
+    for ``Conv2d`` and ``Linear`` (kernel and bias uniform in ±1/√fan_in), a third of
+    LeCun's variance; recipes written for PyTorch are tuned to it.
+    """
+    if init == "lecun":
+        return nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+    if init != "torch":
+        raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}")
+    bound = fan_in ** -0.5
+
+    def uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -148,7 +171,8 @@ class CNN(nn.Module):
     ``pool_after=(True, True)`` pools after each conv (tutorial appendix).
     ``kernel_size`` is one square size for every conv, or one per conv layer
     (e.g. ``features=(24, 32), kernel_size=(5, 3)``). ``input_norm=(mean, std)``
-    standardises the [0, 1] input first.
+    standardises the [0, 1] input first. ``weight_init``: "lecun" (Flax's default) or "torch"
+    (PyTorch's, see :func:`initializers`).
     Input ``(B,28,28)`` or ``(B,28,28,1)``; returns float32 logits.
 
     ``impl``: "xla" (``nn.Conv``/``nn.max_pool``), "fast" (fused custom-VJP
@@ -170,10 +194,13 @@ class CNN(nn.Module):
     dtype: Any = jnp.float32
     impl: str = "auto"
     input_norm: tuple[float, float] | None = None
+    weight_init: str = "lecun"
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; choose one of {list(IMPLS)}")
+        if self.weight_init not in INITS:
+            raise ValueError(f"unknown weight_init {self.weight_init!r}; choose one of {list(INITS)}")
         if self.pool_after is not None and len(self.pool_after) != len(self.features):
             raise ValueError("pool_after must have one entry per conv layer")
         if isinstance(self.kernel_size, Sequence) and len(self.kernel_size) != len(self.features):
@@ -213,7 +240,8 @@ class CNN(nn.Module):
             ws, bs, cfg = [], [], []
             cin = x.shape[-1]
             for i, (f, k, pool) in enumerate(layers):
-                w, b = fastconv.ConvParams(f, k, cin, name=f"conv_{i}")()
+                kinit, binit = initializers(self.weight_init, k * k * cin)
+                w, b = fastconv.ConvParams(f, k, cin, kinit, binit, name=f"conv_{i}")()
                 ws.append(w.astype(dtype))
                 bs.append(b.astype(dtype))
                 cfg.append(fastconv.layer_config(self.padding, k, self.pool_size if pool else 0))
@@ -221,17 +249,22 @@ class CNN(nn.Module):
             x = fastconv.conv_stack(x, ws, bs, cfg)
         else:
             for i, (f, k, pool) in enumerate(layers):
-                x = nn.Conv(f, (k, k), padding=self.padding, dtype=dtype, name=f"conv_{i}")(x)
+                kinit, binit = initializers(self.weight_init, k * k * x.shape[-1])
+                x = nn.Conv(f, (k, k), padding=self.padding, dtype=dtype, kernel_init=kinit,
+                            bias_init=binit, name=f"conv_{i}")(x)
                 x = Activation("relu", name=f"conv_act_{i}")(x)
                 if pool:
                     x = MaxPool(self.pool_size, name=f"pool_{i}")(x)
         x = Dropout(self.conv_dropout, deterministic=not train, name="conv_dropout")(x)
         x = Flatten(name="flatten")(x)
-        for i, width in enumerate(self.dense):
-            x = nn.Dense(width, dtype=dtype, name=f"dense_{i}")(x)
-            x = Activation("relu", name=f"dense_act_{i}")(x)
-            x = Dropout(self.dense_dropout, deterministic=not train, name=f"dense_dropout_{i}")(x)
-        x = nn.Dense(self.num_classes, dtype=dtype, name=f"dense_{len(self.dense)}")(x)
+        for i, width in enumerate((*self.dense, self.num_classes)):
+            kinit, binit = initializers(self.weight_init, x.shape[-1])
+            x = nn.Dense(width, dtype=dtype, kernel_init=kinit, bias_init=binit,
+                         name=f"dense_{i}")(x)
+            if i < len(self.dense):
+                x = Activation("relu", name=f"dense_act_{i}")(x)
+                x = Dropout(self.dense_dropout, deterministic=not train,
+                            name=f"dense_dropout_{i}")(x)
         return x.astype(jnp.float32)
 
 
@@ -315,10 +348,12 @@ _PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "cnn": (CNN, {}),
     "convnet": (CNN, {"pool_after": (True, True), "conv_dropout": 0.5, "dense": ()}),
     # tuomaso/train_mnist_fast's net: Conv5x5-24, pool, ReLU, Conv3x3-32, pool, ReLU,
-    # Dense 256, ReLU, Dense 10 (ReLU and max-pool commute), standardised inputs.
+    # Dense 256, ReLU, Dense 10 (ReLU and max-pool commute), standardised inputs, PyTorch's
+    # initialisation (its one-epoch recipe is tuned to it: 8 seeds of the speedrun recipe
+    # score 98.98% on a validation split with it, 98.90% with Flax's LeCun normal).
     "smallcnn": (CNN, {"features": (24, 32), "kernel_size": (5, 3), "pool_after": (True, True),
                        "conv_dropout": 0.0, "dense": (256,), "dense_dropout": 0.0,
-                       "input_norm": MNIST_MEAN_STD}),
+                       "input_norm": MNIST_MEAN_STD, "weight_init": "torch"}),
     "bncnn": (BNCNN, {}),
 }
 

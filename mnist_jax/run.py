@@ -74,7 +74,12 @@ def build_model(config: TrainConfig):
     if not config.is_builtin_model:
         from mnist_jax.usermodel import build_user_model
         return build_user_model(config.model, config.model_args)
-    return models.create_model(config.model, **config.model_kwargs())
+    kwargs = config.model_kwargs()
+    try:
+        return models.create_model(config.model, **kwargs)
+    except (TypeError, ValueError) as e:  # a field the preset lacks, or a bad value
+        raise UsageError(f"invalid --model-args {config.model_args!r} for {config.model}: "
+                         f"{e}") from None
 
 
 def build_optimizer(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES):

@@ -204,6 +204,28 @@ def test_smallcnn_is_the_speedrun_record_net_on_standardised_inputs() -> None:
                                rtol=1e-6, atol=1e-6)
 
 
+def test_torch_weight_init_is_pytorchs_uniform_bound_on_both_paths() -> None:
+    # PyTorch's Conv2d/Linear default: kernel and bias uniform in +-1/sqrt(fan_in).
+    fan_ins = {"conv_0": 5 * 5 * 1, "conv_1": 3 * 3 * 24, "dense_0": 800, "dense_1": 256}
+    x = jnp.zeros((1, 28, 28))
+    torch_params, lecun_params = ({impl: create_model("smallcnn", impl=impl, weight_init=w)
+                                   .init(jax.random.key(1), x, train=True)["params"]
+                                   for impl in ("xla", "fast")} for w in ("torch", "lecun"))
+    chex.assert_trees_all_equal(torch_params["xla"], torch_params["fast"])
+    for name, fan_in in fan_ins.items():
+        bound = fan_in ** -0.5
+        for leaf in ("kernel", "bias"):
+            p = np.asarray(torch_params["xla"][name][leaf])
+            assert np.abs(p).max() <= bound and np.abs(p).max() > 0.9 * bound, (name, leaf)
+        assert not np.any(lecun_params["xla"][name]["bias"])  # Flax's: zero biases
+        # a third of LeCun normal's variance
+        ratio = (torch_params["xla"][name]["kernel"].var()
+                 / lecun_params["xla"][name]["kernel"].var())
+        assert 0.25 < ratio < 0.42, (name, ratio)
+    with pytest.raises(ValueError, match="weight_init"):
+        CNN(weight_init="glorot")
+
+
 def test_bncnn_fast_and_xla_agree_and_update_the_same_batch_statistics(full_fp32_matmuls) -> None:
     """The BatchNorm CNN's CPU path (one fast conv block per layer) computes what plain
     nn.Conv does, in training (batch statistics, their update) and inference."""

@@ -148,3 +148,14 @@ def test_bad_model_args_are_a_usage_error():
         build_user_model(f"{NET}:Net", '{"no_such_field": 1}')
     with pytest.raises(UsageError, match="--model-args"):
         mj.TrainConfig(model=f"{NET}:Net", model_args="[1, 2]").validate()
+
+
+def test_model_args_set_a_presets_fields_too():
+    from mnist_jax.run import build_model
+    model = build_model(mj.TrainConfig(model="smallcnn", model_args='{"weight_init": "lecun"}'))
+    assert model.weight_init == "lecun" and model.features == (24, 32)
+    model = build_model(mj.TrainConfig(model="cnn", model_args='{"features": [8, 16]}'))
+    assert model.features == (8, 16)  # JSON lists become the tuples a module field holds
+    for args in ('{"colour": 1}', '{"weight_init": "glorot"}'):
+        with pytest.raises(UsageError, match="--model-args"):
+            build_model(mj.TrainConfig(model="smallcnn", model_args=args))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mnist_jax import cli
-from mnist_jax.data import IDX_FILES
+from mnist_jax.data import IDX_FILES, load_dataset
 
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = (f"{s}.gz" for s in IDX_FILES.values())
 
@@ -90,3 +90,28 @@ def test_damaged_official_archives_refused_with_a_warm_store(damage, mnist, mnis
         assert word in lines[0], lines[0]
     assert sorted(data_cache_dir.glob("*.npz")) == cached  # nothing cached for it
     assert not (tmp_path / "run" / "params.msgpack").exists()
+
+
+def test_a_copy_with_changed_labels_trains_on_its_own_labels_after_the_official_was_prepared(
+        mnist, mnist_dir, data_cache_dir, tmp_path):
+    """The bug of issue #11.1: valid MNIST-format archives with 6,000 training labels
+    changed, read after the official ones were prepared in the same cache, came back as
+    tfds' official labels. Now they are the copy's bytes, read by the IDX reader."""
+    assert mnist.source == "tfds"  # the official folder, prepared: a warm store and cache
+    folder = tmp_path / "mnist"
+    shutil.copytree(mnist_dir, folder)
+    relabel(folder, TRAIN_LABELS, lambda y: np.where(np.arange(len(y)) < 6000, (y + 1) % 10, y))
+
+    copy = load_dataset("mnist", folder, cache_dir=data_cache_dir)
+    again = load_dataset("mnist", folder, cache_dir=data_cache_dir)  # from the cache now
+
+    assert copy.source == "idx" and again.source == "cache"
+    for ds in (copy, again):
+        np.testing.assert_array_equal(ds.train_labels[:6000], (mnist.train_labels[:6000] + 1) % 10)
+        np.testing.assert_array_equal(ds.train_labels[6000:], mnist.train_labels[6000:])
+        np.testing.assert_array_equal(ds.train_images, mnist.train_images)
+        np.testing.assert_array_equal(ds.test_labels, mnist.test_labels)
+    # and the official folder still loads its own labels from the same cache
+    np.testing.assert_array_equal(
+        load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir).train_labels, mnist.train_labels)
+

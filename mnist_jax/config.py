@@ -36,7 +36,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Towards the single-model records (99.64-99.74%): a BatchNorm CNN trained on
     # augmented digits (random affine drawn on the device), label smoothing, one-cycle
     # Adam. Chosen on a validation split of the training set (README: Results).
-    "best": {"model": "bncnn", "epochs": 30, "batch_size": 128, "learning_rates": (3e-3,),
+    "best": {"model": "bncnn", "epochs": 12, "batch_size": 128, "learning_rates": (3e-3,),
              "adam_eps": 1e-8, "lr_schedule": "onecycle", "warmup": 0.2,
              "label_smoothing": 0.1, "augment": "rotation=10,scale=0.1,shear=5,translate=2.5"},
 }

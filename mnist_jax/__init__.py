@@ -33,6 +33,7 @@ from mnist_jax.summary import count_params, summary
 from mnist_jax.training import (CrossEntropy, StepOptions, TrainState, create_train_state,
                                 eval_metrics, make_optimizer, stack_states, train_epoch,
                                 train_step, unstack_state)
+from mnist_jax.xla_cache import enable_compilation_cache
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,8 @@ __all__ = [
     "AugmentSpec", "CNN", "CrossEntropy", "DataError", "Dataset", "FitResult", "LoadedRun",
     "MLP", "MnistJaxError", "RECIPES", "RunOutcome", "StepOptions", "TrainConfig",
     "TrainState", "TrainingDiverged", "TrainingInterrupted", "UsageError",
-    "count_params", "create_model", "create_train_state", "eval_metrics", "evaluate", "fit",
+    "count_params", "create_model", "create_train_state", "enable_compilation_cache",
+    "eval_metrics", "evaluate", "fit",
     "flatten_and_scale", "init_state", "load_dataset", "load_idx_folder", "load_image",
     "load_run", "make_optimizer", "predict", "predict_classes", "predict_images", "read_idx",
     "stack_states", "summary", "to_categorical", "to_mnist", "train_epoch", "train_run",

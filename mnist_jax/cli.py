@@ -417,7 +417,8 @@ def _quiet_unraisable(previous):
 
 
 def console() -> int:
-    """The console script: :func:`main`, with the quiet hooks kept until the process exits.
+    """The console script: :func:`main`, with the quiet hooks kept until the process exits
+    and XLA's compilation cache in the cache folder (:mod:`mnist_jax.xla_cache`).
 
     Reads that a failed checkpoint restore abandoned can complete after ``main``
     returns, while the interpreter shuts down; in a process of our own the hooks
@@ -426,6 +427,8 @@ def console() -> int:
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     sys.excepthook = _quiet_excepthook(sys.excepthook)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    from mnist_jax.xla_cache import enable_compilation_cache
+    enable_compilation_cache()  # this process's own setting: main() may run inside a user's
     return main()
 
 

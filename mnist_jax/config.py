@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -138,7 +139,6 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Overrides passed to :func:`mnist_jax.models.create_model` (``model_args`` last)."""
-        import json
         kw: dict[str, Any] = {"dtype": self.dtype}
         if self.model == "mlp":
             if self.hidden:
@@ -174,7 +174,6 @@ class TrainConfig:
             raise bad("--model", self.model, f"choose from {', '.join(MODELS)}, or give "
                       "path/to/file.py:ClassName or package.module:ClassName")
         if self.model_args is not None:
-            import json
             try:
                 if not isinstance(json.loads(self.model_args), dict):
                     raise ValueError("not a JSON object")

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mnist_jax"
 SMALL = ["--hidden", "64", "--epochs", "4", "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
 # A user's module with BatchNorm (its batch_stats are part of the state), trained on digits
-# augmented on the device: both must resume exactly too.
+# augmented on the device: both must resume exactly too. It trains on a synthetic folder of
+# 4,096 digits (XLA's CPU convolution gradients are slow; 4 epochs of MNIST took 90 s of CI).
 USER_BN = ["--model", f"{ROOT / 'tests' / 'assets' / 'net.py'}:Net", "--model-args",
            '{"features": [4, 8]}', "--augment", "rotation=10,translate=2", "--epochs", "4",
            "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
@@ -192,10 +193,17 @@ def reference(tmp_path_factory, mnist_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def user_bn_reference(tmp_path_factory, mnist_dir) -> Path:
+def bn_digits(tmp_path_factory) -> Path:
+    """The USER_BN config's folder: 4,096 synthetic training digits, 512 test digits."""
+    from test_data import make_folder
+    return make_folder(tmp_path_factory.mktemp("bn_digits"), gz=False, n_train=4096, n_test=512)
+
+
+@pytest.fixture(scope="module")
+def user_bn_reference(tmp_path_factory, bn_digits) -> Path:
     """An uninterrupted run of the USER_BN config."""
     tmp = tmp_path_factory.mktemp("reference_bn")
-    _cli(tmp, "train", *USER_BN, "--data-dir", str(mnist_dir), "--out", str(tmp / "run"))
+    _cli(tmp, "train", *USER_BN, "--data-dir", str(bn_digits), "--out", str(tmp / "run"))
     return tmp / "run"
 
 
@@ -228,10 +236,11 @@ def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_pro
 
 @pytest.mark.parametrize("case", ["mlp", "user-batchnorm-augmented"])
 def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(case, request, mnist_dir, tmp_path):
-    config, reference = ((SMALL, request.getfixturevalue("reference")) if case == "mlp" else
-                         (USER_BN, request.getfixturevalue("user_bn_reference")))
+    config, reference, folder = (
+        (SMALL, request.getfixturevalue("reference"), mnist_dir) if case == "mlp" else
+        (USER_BN, request.getfixturevalue("user_bn_reference"), request.getfixturevalue("bn_digits")))
     run = tmp_path / "run"
-    args = ["train", *config, "--data-dir", str(mnist_dir), "--out", str(run)]
+    args = ["train", *config, "--data-dir", str(folder), "--out", str(run)]
     proc = _start(tmp_path, *args, MJT_STALL_EPOCH="3")
     _wait_for(lambda: (tmp_path / "dispatched-epoch_3").exists(), proc, "epoch 3's dispatch")
     _kill(proc)

@@ -8,6 +8,9 @@ test_resume.py and test_training_failures.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +106,24 @@ def test_a_custom_optimizer_run_continues_only_with_the_optimizer_given_again(di
     again = mj.train_run(mj.TrainConfig(epochs=2, batch_size=64), tmp_path / "run", resume=True,
                          model=small_net(), optimizer=optax.sgd(0.1), **quiet)
     assert len(again.result.history) == 2
+
+
+def test_tensorboard_logging_does_not_import_torch_yet_leaves_it_importable(tmp_path):
+    # tensorboardX imports torch whenever it is installed (1.5 s of a speedrun process); a
+    # stand-in torch on the path records whether anything imported it.
+    (tmp_path / "torch.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported').touch()\n")
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from mnist_jax.config import TrainConfig\n"
+        "from mnist_jax.lifecycle import _Tensorboard\n"
+        f"tb = _Tensorboard(Path({str(tmp_path / 'tb')!r}), TrainConfig())\n"
+        "tb.log({'epoch': 1, 'loss': 0.5}); tb.close()\n"
+        f"assert not Path({str(tmp_path / 'imported')!r}).exists(), 'torch was imported'\n"
+        "import torch\n"
+        f"assert Path({str(tmp_path / 'imported')!r}).exists()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

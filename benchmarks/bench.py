@@ -811,6 +811,9 @@ def _child_torch(task: dict[str, Any], ds) -> dict[str, Any]:
 # Targets: our training time <= 0.5 x PyTorch's, our whole process <= 0.75 x PyTorch's.
 SPEEDRUN_TARGETS = {"train_seconds": 0.5, "process_seconds": 0.75}
 SPEEDRUN_ACCURACY_TARGET = 0.99  # mean test accuracy over the seeds after one epoch
+# (side, key suffix): ours compiling / reading XLA's cache; the record's script / NHWC
+SPEEDRUN_OURS = (("ours", ""), ("ours_warm", "_warm"))
+SPEEDRUN_PEERS = (("torch", ""), ("torch_cl", "_cl"))
 
 # The record's recipe (tuomaso/train_mnist_fast) as a PyTorch user runs it: a standalone
 # script, the data already in memory as tensors (standardised), its Net, Adam(1e-2,
@@ -856,6 +859,9 @@ class Net(nn.Module):
 
 
 model = Net()
+if args.get("channels_last"):  # not in the record's script: NHWC, oneDNN's faster layout here
+    model = model.to(memory_format=torch.channels_last)
+    x, xt = (t.contiguous(memory_format=torch.channels_last) for t in (x, xt))
 steps = len(x) // BATCH
 opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.7, 0.9))
 sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps,
@@ -878,6 +884,7 @@ with torch.no_grad():
 print(args["prefix"] + json.dumps({
     "status": "ok", "train_seconds": train_seconds, "test_accuracy": correct / len(xt),
     "steps": steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    "channels_last": bool(args.get("channels_last")),
     "imported_jax": "jax" in sys.modules}), flush=True)
 """
 
@@ -916,30 +923,35 @@ def ours_from_results(results: dict[str, Any], process_seconds: float) -> dict[s
 
 
 def speedrun_summary(torch_runs: Sequence[dict[str, Any]], ours_runs: Sequence[dict[str, Any]],
-                     warm_runs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                     warm_runs: Sequence[dict[str, Any]] = (),
+                     channels_last_runs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Medians of the successful runs of each side, the ratios ours / PyTorch and whether
     each ratio meets :data:`SPEEDRUN_TARGETS` (None when a side has no successful run).
     ``warm_runs``: ours again with XLA's compilation cache warm (``ours_warm``,
-    ``ratios_warm``, ``targets_warm``)."""
+    ``ratios_warm``, ``targets_warm``). ``channels_last_runs``: PyTorch again with NHWC
+    tensors (``torch_cl``; ours against it in ``ratios_cl``/``ratios_warm_cl``, ...)."""
     def med(runs, key):
         return median([r[key] for r in runs if r.get("status") == "ok" and r.get(key) is not None])
 
     out: dict[str, Any] = {}
     sides = (("torch", torch_runs), ("ours", ours_runs)) + (
-        (("ours_warm", warm_runs),) if warm_runs else ())
+        (("ours_warm", warm_runs),) if warm_runs else ()) + (
+        (("torch_cl", channels_last_runs),) if channels_last_runs else ())
     for side, runs in sides:
         ok = [r for r in runs if r.get("status") == "ok"]
         keys = ("train_seconds", "process_seconds", "test_accuracy") + (
-            ("compile_seconds",) if side != "torch" else ())
+            ("compile_seconds",) if not side.startswith("torch") else ())
         out[side] = {"runs": len(runs), "ok": len(ok), **{k: med(ok, k) for k in keys}}
-    for ours, suffix in (("ours", ""), ("ours_warm", "_warm")):
-        if ours not in out:
-            continue
-        ratios = {k: safe_ratio(out[ours][k], out["torch"][k]) for k in SPEEDRUN_TARGETS}
-        out["ratios" + suffix] = ratios
-        out["targets" + suffix] = {k: {"target": t, "value": ratios[k],
-                                       "met": None if ratios[k] is None else ratios[k] <= t}
-                                   for k, t in SPEEDRUN_TARGETS.items()}
+    for ours, suffix in SPEEDRUN_OURS:
+        for peer, peer_suffix in SPEEDRUN_PEERS:
+            if ours not in out or peer not in out:
+                continue
+            ratios = {k: safe_ratio(out[ours][k], out[peer][k]) for k in SPEEDRUN_TARGETS}
+            out["ratios" + suffix + peer_suffix] = ratios
+            out["targets" + suffix + peer_suffix] = {
+                k: {"target": t, "value": ratios[k],
+                    "met": None if ratios[k] is None else ratios[k] <= t}
+                for k, t in SPEEDRUN_TARGETS.items()}
     return out
 
 
@@ -952,11 +964,13 @@ def format_speedrun_markdown(results: dict[str, Any]) -> str:
            f"{results.get('load_end')} at the end). Each side ran {results.get('rounds')} times as "
            "a cold process, interleaved; medians.", "",
            "| | training s | whole process s | compile s | test accuracy |", "|---|---|---|---|---|"]
-    t = s["torch"]
     threads = f", {results['torch_threads']} threads" if results.get("torch_threads") else ""
-    out.append(f"| PyTorch {results.get('torch_version', '?')} (the record's script{threads}) | "
-               f"{f(t['train_seconds'], '.2f')} | {f(t['process_seconds'], '.2f')} | - | "
-               f"{f(t['test_accuracy'], '.4f')} |")
+    for side, what in (("torch", ""), ("torch_cl", ", channels_last")):
+        if side in s:
+            t = s[side]
+            out.append(f"| PyTorch {results.get('torch_version', '?')} (the record's script"
+                       f"{threads}{what}) | {f(t['train_seconds'], '.2f')} | "
+                       f"{f(t['process_seconds'], '.2f')} | - | {f(t['test_accuracy'], '.4f')} |")
     for side, what in (("ours", ""), ("ours_warm", ", XLA's compilation cache warm")):
         if side in s:
             o = s[side]
@@ -964,14 +978,15 @@ def format_speedrun_markdown(results: dict[str, Any]) -> str:
                        f"{f(o['train_seconds'], '.2f')} | {f(o['process_seconds'], '.2f')} | "
                        f"{f(o['compile_seconds'], '.2f')} | {f(o['test_accuracy'], '.4f')} |")
     out += ["", "| ratio ours / PyTorch | value | target | met |", "|---|---|---|---|"]
-    for suffix, what in (("", ""), ("_warm", ", XLA cache warm")):
+    for suffix, what in (("", ""), ("_warm", ", XLA cache warm"), ("_cl", " vs channels_last"),
+                         ("_warm_cl", ", XLA cache warm, vs channels_last")):
         for k, tgt in s.get("targets" + suffix, {}).items():
             met = {True: "yes", False: "NO", None: "not measured"}[tgt["met"]]
             out.append(f"| {k.replace('_', ' ')}{what} | {f(tgt['value'], '.3f')} | "
                        f"<= {tgt['target']} | {met} |")
     runs = results.get("runs", {})
     out += ["", "Every run (seconds: training / whole process; accuracy):", ""]
-    for side in ("torch", "ours", "ours_warm"):
+    for side in ("torch", "torch_cl", "ours", "ours_warm"):
         for r in runs.get(side, []):
             if r.get("status") == "ok":
                 out.append(f"- {side}: {f(r['train_seconds'], '.2f')} / "
@@ -1012,12 +1027,12 @@ def _timed_process(cmd: list[str], env: dict[str, str], timeout: float
     return proc, time.perf_counter() - t
 
 
-def _speedrun_torch(data_file: Path, seed: int, timeout: float, threads: int | None = None
-                    ) -> dict[str, Any]:
+def _speedrun_torch(data_file: Path, seed: int, timeout: float, threads: int | None = None,
+                    channels_last: bool = False) -> dict[str, Any]:
     if not peer_available("torch"):
         return missing("torch is not installed")
     args = json.dumps({"data": str(data_file), "seed": seed, "prefix": RESULT_PREFIX,
-                       "threads": threads})
+                       "threads": threads, "channels_last": channels_last})
     proc, seconds = _timed_process([sys.executable, "-c", TORCH_SPEEDRUN_SCRIPT, args],
                                    dict(os.environ), timeout)
     if proc is None:
@@ -1080,7 +1095,8 @@ def run_speedrun(args: argparse.Namespace) -> int:
     ds = load_data(args.data_dir, False)
     if args.data_dir:
         os.environ["MNIST_JAX_DATA_DIR"] = args.data_dir
-    runs: dict[str, list[dict[str, Any]]] = {"torch": [], "ours": [], "ours_warm": []}
+    runs: dict[str, list[dict[str, Any]]] = {"torch": [], "torch_cl": [], "ours": [],
+                                             "ours_warm": []}
     with tempfile.TemporaryDirectory(prefix="mnist-jax-speedrun-") as tmp:
         # PyTorch's warm "cache": the same uint8 arrays, uncompressed, ready to load.
         data_file = Path(tmp) / "mnist.npz"
@@ -1092,13 +1108,13 @@ def run_speedrun(args: argparse.Namespace) -> int:
         _log("speedrun: filling XLA's compilation cache (not measured)")
         _speedrun_ours(Path(tmp) / "run", 1, args.peer_timeout, xla)
         for r in range(args.rounds):
-            order = ("torch", "ours", "ours_warm") if r % 2 == 0 else ("ours_warm", "ours", "torch")
-            for side in order:
+            order = ("torch", "ours", "torch_cl", "ours_warm")
+            for side in order if r % 2 == 0 else order[::-1]:
                 _log(f"speedrun round {r + 1}/{args.rounds}: {side}")
                 load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
                 runs[side].append(dict(_speedrun_torch(data_file, r, args.peer_timeout,
-                                                       args.torch_threads)
-                                       if side == "torch" else
+                                                       args.torch_threads, side == "torch_cl")
+                                       if side.startswith("torch") else
                                        _speedrun_ours(Path(tmp) / "run", 1, args.peer_timeout,
                                                       xla if side == "ours_warm" else None),
                                        load_before=load))
@@ -1120,7 +1136,8 @@ def run_speedrun(args: argparse.Namespace) -> int:
         "torch_threads": torch_ok[0]["threads"] if torch_ok else None,
         "jax_version": jax.__version__, "cores": os.cpu_count(),
         "runs": runs,
-        "summary": speedrun_summary(runs["torch"], runs["ours"], runs["ours_warm"]),
+        "summary": speedrun_summary(runs["torch"], runs["ours"], runs["ours_warm"],
+                                    runs["torch_cl"]),
         "seeds_run": seeds_run,
         "notes": [
             "Training seconds: PyTorch's loop over the epoch's 234 steps of 256 (wall clock); "
@@ -1137,7 +1154,10 @@ def run_speedrun(args: argparse.Namespace) -> int:
                            if args.torch_threads else "its default threads")
             + " (torch.get_num_threads() in the JSON), eager mode, "
             "the script in benchmarks/bench.py (TORCH_SPEEDRUN_SCRIPT) written from the "
-            "record's description; seed = round number.",
+            "record's description; seed = round number. 'torch_cl' is the same script with "
+            "the model and the images in channels_last (NHWC) memory format: not in the "
+            "record's script, but oneDNN's faster layout for these convolutions on this CPU, "
+            "so ours is also judged against the fastest PyTorch found.",
             "The CPU is shared with other work: medians of interleaved runs; see the load "
             "averages. PyTorch's OpenMP threads spin while they wait for each other, so a "
             "second busy process slows its steps several-fold (here: ~75 ms/step with one "

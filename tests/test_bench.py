@@ -286,6 +286,14 @@ def test_speedrun_summary_takes_medians_of_the_good_runs_and_checks_both_ratios(
     assert warm["ratios"] == s["ratios"]  # the compiling side is judged as before
     assert warm["ratios_warm"]["process_seconds"] == pytest.approx(4.5 / 10.0)
     assert warm["targets_warm"]["process_seconds"]["met"] is True
+    # PyTorch in channels_last: a second peer, ours judged against both
+    fast_torch = [dict(r, train_seconds=r["train_seconds"] / 2) for r in torch_runs[:3]]
+    both = bench.speedrun_summary(torch_runs, ours_runs, ours_runs, fast_torch)
+    assert both["ratios"] == s["ratios"] and both["torch_cl"]["train_seconds"] == 3.0
+    assert "compile_seconds" not in both["torch_cl"]
+    assert both["ratios_cl"]["train_seconds"] == pytest.approx(2.5 / 3.0)
+    assert both["targets_warm_cl"]["train_seconds"]["met"] is False  # 0.83 > 0.5
+    assert "torch_cl" not in s and "ratios_cl" not in s
 
 
 def test_speedrun_markdown_shows_both_sides_ratios_and_the_seeds():
@@ -314,6 +322,13 @@ def test_speedrun_markdown_shows_both_sides_ratios_and_the_seeds():
             "| 0.50 | 0.9905 |") in warm
     assert "| process seconds, XLA cache warm | 0.400 | <= 0.75 | yes |" in warm
     assert "- ours_warm: 2.00 / 4.00; 0.9905" in warm
+    cl_runs = [dict(torch_runs[0], train_seconds=3.0)]
+    cl = bench.format_speedrun_markdown(dict(
+        results, runs={"torch": torch_runs, "torch_cl": cl_runs, "ours": ours_runs},
+        summary=bench.speedrun_summary(torch_runs, ours_runs, channels_last_runs=cl_runs)))
+    assert "| PyTorch 2.x (the record's script, channels_last) | 3.00 | 10.00 | - |" in cl
+    assert "| train seconds vs channels_last | 0.667 | <= 0.5 | NO |" in cl
+    assert "- torch_cl: 3.00 / 10.00; 0.9912" in cl
     missing = dict(results, runs={"torch": [bench.missing("torch is not installed")],
                                   "ours": ours_runs},
                    summary=bench.speedrun_summary([bench.missing("x")], ours_runs))
@@ -354,10 +369,13 @@ def test_the_torch_speedrun_script_trains_and_reports(tmp_path):
              train_labels=rng.integers(0, 10, 512).astype(np.uint8),
              test_images=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
              test_labels=rng.integers(0, 10, 100).astype(np.uint8))
-    arg = json.dumps({"data": str(data), "seed": 0, "prefix": bench.RESULT_PREFIX})
-    proc = subprocess.run([sys.executable, "-c", bench.TORCH_SPEEDRUN_SCRIPT, arg],
-                          capture_output=True, text=True, timeout=300)
-    r = bench.result_from_stdout(proc.stdout)
-    assert r is not None, proc.stderr[-500:]
-    assert r["status"] == "ok" and r["steps"] == 2 and r["imported_jax"] is False
-    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0
+    for channels_last in (False, True):
+        arg = json.dumps({"data": str(data), "seed": 0, "prefix": bench.RESULT_PREFIX,
+                          "channels_last": channels_last})
+        proc = subprocess.run([sys.executable, "-c", bench.TORCH_SPEEDRUN_SCRIPT, arg],
+                              capture_output=True, text=True, timeout=300)
+        r = bench.result_from_stdout(proc.stdout)
+        assert r is not None, proc.stderr[-500:]
+        assert r["status"] == "ok" and r["steps"] == 2 and r["imported_jax"] is False
+        assert r["channels_last"] is channels_last
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0

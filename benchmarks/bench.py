@@ -965,18 +965,17 @@ def format_speedrun_markdown(results: dict[str, Any]) -> str:
            "a cold process, interleaved; medians.", "",
            "| | training s | whole process s | compile s | test accuracy |", "|---|---|---|---|---|"]
     threads = f", {results['torch_threads']} threads" if results.get("torch_threads") else ""
-    for side, what in (("torch", ""), ("torch_cl", ", channels_last")):
-        if side in s:
-            t = s[side]
-            out.append(f"| PyTorch {results.get('torch_version', '?')} (the record's script"
-                       f"{threads}{what}) | {f(t['train_seconds'], '.2f')} | "
-                       f"{f(t['process_seconds'], '.2f')} | - | {f(t['test_accuracy'], '.4f')} |")
-    for side, what in (("ours", ""), ("ours_warm", ", XLA's compilation cache warm")):
+    torch_name = f"PyTorch {results.get('torch_version', '?')} (the record's script{threads}"
+    ours_name = "mnist-jax `train --recipe speedrun`"
+    labels = {"torch": torch_name + ")", "torch_cl": torch_name + ", channels_last)",
+              "ours": ours_name, "ours_warm": ours_name + ", XLA's compilation cache warm"}
+    for side, label in labels.items():
         if side in s:
             o = s[side]
-            out.append(f"| mnist-jax `train --recipe speedrun`{what} | "
-                       f"{f(o['train_seconds'], '.2f')} | {f(o['process_seconds'], '.2f')} | "
-                       f"{f(o['compile_seconds'], '.2f')} | {f(o['test_accuracy'], '.4f')} |")
+            compiled = f(o["compile_seconds"], ".2f") if "compile_seconds" in o else "-"
+            out.append(f"| {label} | {f(o['train_seconds'], '.2f')} | "
+                       f"{f(o['process_seconds'], '.2f')} | {compiled} | "
+                       f"{f(o['test_accuracy'], '.4f')} |")
     out += ["", "| ratio ours / PyTorch | value | target | met |", "|---|---|---|---|"]
     for suffix, what in (("", ""), ("_warm", ", XLA cache warm"), ("_cl", " vs channels_last"),
                          ("_warm_cl", ", XLA cache warm, vs channels_last")):

@@ -470,7 +470,11 @@ def download_archives(name: str, cache_dir: str | os.PathLike[str] | None = None
             raise DataError(f"cannot download {name}: {e}; {OFFLINE_HINT}") from None
         where = next(iter(urls.values()))[0].rsplit("/", 1)[0]
         try:
-            with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f"{name}.tmp.") as tmp:
+            # tfds downloads the archives on threads that go on writing after one of them
+            # failed: cleaning up must not replace that failure (a folder left behind is
+            # discarded by the next download, under the lock).
+            with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f"{name}.tmp.",
+                                             ignore_cleanup_errors=True) as tmp:
                 with _quiet_tensorflow():
                     _check_reachable(next(iter(urls.values()))[0])
                     manager = tfds.download.DownloadManager(

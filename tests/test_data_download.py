@@ -121,6 +121,42 @@ def test_a_mirror_with_other_bytes_fails_tfds_checksum_validation(no_folder, tmp
     assert not list((no_folder / "archives").rglob("*.gz"))  # nothing unvalidated is kept
 
 
+def test_the_failure_is_reported_while_other_downloads_still_write(no_folder, monkeypatch):
+    """tfds downloads the four archives on threads: when one fails, the others go on writing
+    into the temporary folder while it is removed. The failure is what gets reported, not
+    the folder that could not be removed (a flaky ``Directory not empty`` before)."""
+    stop = threading.Event()
+
+    class FailingWhileOthersWrite:  # tfds' DownloadManager, as it fails
+        def __init__(self, download_dir, **_):
+            self.folder = Path(download_dir)
+
+        def download(self, urls):
+            def write():
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    try:
+                        (self.folder / f"part{i % 20}").mkdir(exist_ok=True)
+                        (self.folder / f"part{i % 20}" / str(i)).write_bytes(b"x")
+                    except OSError:
+                        pass
+            threading.Thread(target=write, daemon=True).start()
+            while not any(self.folder.iterdir()):
+                pass
+            raise ValueError("train-images-idx3-ubyte.gz: wrong checksum")
+
+    monkeypatch.setattr(data._import_tfds().download, "DownloadManager", FailingWhileOthersWrite)
+    monkeypatch.setattr(data, "_check_reachable", lambda url: None)
+    try:
+        for _ in range(5):
+            with pytest.raises(DataError) as e:
+                data.download_archives("mnist")
+            assert "wrong checksum" in str(e.value) and "--data-dir DIR" in str(e.value), e.value
+    finally:
+        stop.set()
+
+
 def test_offline_names_what_failed_and_the_way_out(no_folder, monkeypatch):
     monkeypatch.setenv(data.url_env("mnist"), "http://127.0.0.1:9/mnist/")  # nothing listens
     with pytest.raises(DataError) as e:

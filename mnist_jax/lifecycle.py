@@ -318,7 +318,7 @@ class _Tensorboard:
 
     def log(self, row: dict) -> None:
         for key, value in row.items():
-            if key in ("epoch", "models"):
+            if key in ("epoch", "models") or key.endswith("_curve"):  # the report draws those
                 continue
             values = value if isinstance(value, list) else [value]
             for name, v in zip(self.names, values):

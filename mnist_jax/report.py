@@ -148,13 +148,32 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nd
     return np.asarray(epochs), table
 
 
+def _curve_series(rows: Sequence[dict[str, Any]], key: str
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fractional epochs (the middle of each stretch of steps) and a (points, models) array
+    for a within-epoch curve such as ``train_loss_curve``; None unless every row has it
+    (runs written before the curves were recorded plot their epoch means instead)."""
+    if not rows or any(row.get(key) is None for row in rows):
+        return None
+    xs, blocks = [], []
+    for row in rows:
+        table = np.asarray(row[key], dtype=float)
+        table = table[None] if table.ndim == 1 else table  # (models, points)
+        k = table.shape[1]
+        xs.append(row["epoch"] - 1 + (np.arange(k) + 0.5) / k)
+        blocks.append(table.T)
+    return np.concatenate(xs), np.concatenate(blocks)
+
+
 def _num_models(rows: Sequence[dict[str, Any]], results: dict[str, Any] | None = None) -> int:
     """How many models the run trained together (1 for a plain run)."""
     n = 1
     for row in rows:
         if isinstance(row.get("models"), list):
             n = max(n, len(row["models"]))
-        for value in row.values():
+        for key, value in row.items():
+            if key.endswith("_curve"):  # points within the epoch, not models
+                continue
             if isinstance(value, list) and value and not isinstance(value[0], dict):
                 n = max(n, len(value))
     if results:
@@ -187,9 +206,17 @@ def _check_class_names(class_names: Sequence[str] | None, num_classes: int) -> t
 def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Plot loss and accuracy vs epoch (train, and val/test where present) to a PNG.
 
-    With several models each curve is the mean over models and the shaded band
-    spans the min–max over models (the legend says so). Returns ``path``.
+    Training is drawn within each epoch from its ``train_*_curve`` stretches (so a
+    one-epoch run has a curve too), at the epoch's end from its mean for older runs;
+    validation and test are measured after each epoch. With several models each curve
+    is the mean over models and the shaded band spans the min–max over models (the
+    legend says so). Returns ``path``.
     """
+    return _save_figure(learning_curves_figure(rows), path)
+
+
+def learning_curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """The figure :func:`plot_learning_curves` saves: loss (left) and accuracy (right)."""
     if not rows:
         raise DataError("no metrics rows to plot")
     n_models = _num_models(rows)
@@ -199,16 +226,18 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     for ax, metric in zip(axes, ("loss", "accuracy")):
         drawn = False
         many_epochs = len(rows) > 30
+        within = _curve_series(rows, f"train_{metric}_curve")
         for split, color in _SPLITS:
-            series = _series(rows, f"{split}_{metric}")
+            series = within if split == "train" and within else _series(rows, f"{split}_{metric}")
             if series is None:
                 continue
             epochs, table = series
             stats = np.array([_stats(r) for r in table])
             mean, lo, hi = stats[:, 0], stats[:, 2], stats[:, 3]
             label = split if table.shape[1] == 1 else f"{split} (mean)"
+            dots = not many_epochs and not (split == "train" and within)
             ax.plot(epochs, mean, color=color, label=label,
-                    marker=None if many_epochs else "o", markersize=3.5, linewidth=1.6)
+                    marker="o" if dots else None, markersize=3.5, linewidth=1.6)
             if table.shape[1] > 1:
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
             drawn = True
@@ -221,14 +250,14 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike
         ax.set_ylabel(metric)
         ax.set_title(f"{metric.capitalize()} per epoch")
         if len(epoch_numbers) <= 12:  # few epochs: one tick each (also right for a single epoch)
-            ax.set_xticks(epoch_numbers)
-            ax.set_xlim(epoch_numbers[0] - 0.5, epoch_numbers[-1] + 0.5)
+            ax.set_xticks(([epoch_numbers[0] - 1] if within else []) + epoch_numbers)
+            ax.set_xlim(epoch_numbers[0] - (1.05 if within else 0.5), epoch_numbers[-1] + 0.5)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.35)
     if n_models > 1:
         fig.suptitle(f"Learning curves of {n_models} models")
-    return _save_figure(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------

@@ -304,7 +304,9 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
         if bad:
             raise TrainingDiverged(epoch, int(min(bad)), state)
         state = new_state
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy}
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy,
+                               "train_loss_curve": m.loss_curve,
+                               "train_accuracy_curve": m.accuracy_curve}
         if val_fn is not None:
             v = to_host(val_fn(state, *dev.val))
             row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])

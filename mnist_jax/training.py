@@ -87,12 +87,27 @@ class StepOptions:
     augment: augment_lib.AugmentSpec | None = None
 
 
+# Points of the within-epoch training curve: a one-epoch run (the speedrun) still gets a
+# learning curve, and a long run's metrics.jsonl stays small.
+CURVE_POINTS = 10
+
+
 class EpochMetrics(NamedTuple):
-    """What one compiled epoch returns (per model when vmapped)."""
+    """What one compiled epoch returns (per model when vmapped): the epoch's mean training
+    loss and accuracy, and the same over ``CURVE_POINTS`` consecutive stretches of its steps."""
 
     loss: jax.Array
     accuracy: jax.Array
     first_bad_step: jax.Array  # index of the first step with a non-finite loss, or -1
+    loss_curve: jax.Array
+    accuracy_curve: jax.Array
+
+
+def stretch_means(values: jax.Array, points: int = CURVE_POINTS) -> jax.Array:
+    """Means of ``min(points, steps)`` consecutive, nearly equal stretches of the per-step
+    ``values`` (steps,): the bounds are static, so this compiles into the epoch."""
+    bounds = np.linspace(0, values.shape[0], min(points, values.shape[0]) + 1).round().astype(int)
+    return jnp.stack([values[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def make_optimizer(learning_rate: float = 1e-3, eps: float = 1e-7, schedule: str = "constant",
@@ -270,7 +285,8 @@ def run_steps(state: TrainState, batches_x: jax.Array, batches_y: jax.Array,
     state, m = jax.lax.scan(body, state, (batches_x, batches_y))
     finite = jnp.isfinite(m["loss"])
     first_bad = jnp.where(finite.all(), -1, jnp.argmin(finite)).astype(jnp.int32)
-    return state, EpochMetrics(m["loss"].mean(), m["accuracy"].mean(), first_bad)
+    return state, EpochMetrics(m["loss"].mean(), m["accuracy"].mean(), first_bad,
+                               stretch_means(m["loss"]), stretch_means(m["accuracy"]))
 
 
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, batch_size: int,

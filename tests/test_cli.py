@@ -44,6 +44,10 @@ def test_train_writes_the_run_folder(trained_run: Path):
     assert [r["epoch"] for r in rows] == [1]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy",
             "epoch_seconds"} <= set(rows[0])
+    # the epoch's 468 steps as ten stretches: the loss falls within the one epoch
+    curve = rows[0]["train_loss_curve"]
+    assert len(curve) == len(rows[0]["train_accuracy_curve"]) == 10
+    assert curve[-1] < curve[0] and min(curve) <= rows[0]["train_loss"] <= max(curve)
     assert (trained_run / "params.msgpack").is_file()
     assert any((trained_run / "tb").iterdir())
 

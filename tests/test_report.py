@@ -15,6 +15,7 @@ from mnist_jax.errors import DataError
 from mnist_jax.report import (
     FASHION_MNIST_CLASSES,
     confusion_matrix,
+    learning_curves_figure,
     most_confident_errors,
     plot_confusion_matrix,
     plot_error_grid,
@@ -30,7 +31,7 @@ PNGS = ("learning_curves.png", "confusion_matrix.png", "errors.png")
 
 
 def _write_run(run_dir: Path, *, models: int = 1, epochs: int = 5, results: bool = True,
-               dataset: str = "mnist") -> dict:
+               dataset: str = "mnist", curves: bool = False) -> dict:
     """A synthetic run directory; returns the results dict written (or would be)."""
     rng = np.random.default_rng(1)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +45,10 @@ def _write_run(run_dir: Path, *, models: int = 1, epochs: int = 5, results: bool
             row = {"epoch": e, "train_loss": value(1 / e), "train_accuracy": value(0.9 - 0.1 / e),
                    "val_loss": value(1.1 / e), "val_accuracy": value(0.88 - 0.1 / e),
                    "epoch_seconds": 1.5}
+            if curves:  # ten stretches of the epoch's steps, per model
+                points = [[1 / (e - 1 + (i + 0.5) / 10) for i in range(10)] for _ in range(models)]
+                row["train_loss_curve"] = points[0] if models == 1 else points
+                row["train_accuracy_curve"] = row["train_loss_curve"]
             if models > 1:
                 row["models"] = [{"seed": s, "lr": 0.001 * (s + 1)} for s in range(models)]
             f.write(json.dumps(row) + "\n")
@@ -276,6 +281,31 @@ def test_learning_curves_png(tmp_path):
     _write_run(tmp_path, models=3)
     path = plot_learning_curves(read_metrics(tmp_path), tmp_path / "lc.png")
     _assert_png(path)
+
+
+@pytest.mark.parametrize("models", [1, 3])
+def test_training_is_drawn_within_each_epoch_and_evaluation_after_it(tmp_path, models):
+    _write_run(tmp_path, models=models, epochs=2, curves=True)
+    for ax in learning_curves_figure(read_metrics(tmp_path)).axes:
+        train, val = ax.lines[:2]
+        np.testing.assert_allclose(train.get_xdata(), np.arange(20) / 10 + 0.05)
+        assert list(val.get_xdata()) == [1, 2]
+        assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == (
+            ["train", "val"] if models == 1 else ["train (mean)", "val (mean)"])
+
+
+def test_a_run_without_within_epoch_curves_draws_training_at_each_epoch(tmp_path):
+    _write_run(tmp_path, epochs=2)
+    train = learning_curves_figure(read_metrics(tmp_path)).axes[0].lines[0]
+    assert list(train.get_xdata()) == [1, 2]
+
+
+def test_within_epoch_points_are_not_counted_as_models(tmp_path):
+    _write_run(tmp_path, models=1, epochs=1, curves=True)
+    images, labels, probs = _test_set()
+    text = write_report(tmp_path, test_images=images, test_labels=labels, probs=probs).read_text()
+    assert _summary_table(text)["test accuracy"] == "98.76%"
+    assert "models" not in text.split("## Learning curves")[0]
 
 
 def test_plot_confusion_matrix_png(tmp_path):

@@ -14,8 +14,9 @@ from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
 from mnist_jax.run import TrainingDiverged, fit, init_state
-from mnist_jax.training import (adam_hyperparams, compile_fns, create_train_state, epoch_permutation,
-                                eval_metrics, make_optimizer, stack_states, train_step, unstack_state)
+from mnist_jax.training import (CURVE_POINTS, adam_hyperparams, compile_fns, create_train_state,
+                                epoch_permutation, eval_metrics, make_optimizer, stack_states,
+                                train_epoch, train_step, unstack_state)
 
 
 def synthetic(n: int = 512, seed: int = 0) -> data_lib.Dataset:
@@ -54,6 +55,29 @@ def test_epoch_visits_each_example_at_most_once_and_reshuffles():
     assert perm.shape == (3, 32) and len(set(perm.ravel())) == 96
     later = state.replace(step=state.step + 3)  # one epoch later
     assert not np.array_equal(perm, np.asarray(epoch_permutation(later, 100, 32)))
+
+
+def test_an_epoch_reports_its_steps_as_a_curve_of_ten_consecutive_stretches():
+    """metrics.jsonl's ``train_loss_curve``: the epoch's step losses, averaged over
+    consecutive stretches of nearly equal length (12 steps: 10 stretches of 1 or 2 steps),
+    so a one-epoch run has a learning curve too."""
+    ds = synthetic(532)  # 404 training digits: 12 batches of 32, 20 left over
+    state = create_train_state(MLP(hidden=(8,)), make_optimizer(), seed=0)
+    x, y = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+    _, m = jax.jit(train_epoch, static_argnums=3)(state, x, y, 32)
+    step, s, losses, accs = jax.jit(train_step), state, [], []
+    for idx in np.asarray(epoch_permutation(state, len(y), 32)):
+        s, one = step(s, x[idx], y[idx])
+        losses.append(float(one["loss"]))
+        accs.append(float(one["accuracy"]))
+    assert CURVE_POINTS == 10 and len(losses) == 12
+    bounds = [0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12]
+    for curve, per_step in ((m.loss_curve, losses), (m.accuracy_curve, accs)):
+        want = [np.mean(per_step[a:b]) for a, b in zip(bounds, bounds[1:])]
+        np.testing.assert_allclose(np.asarray(curve), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m.loss), np.mean(losses), rtol=1e-5)
+    _, short = jax.jit(train_epoch, static_argnums=3)(state, x[:96], y[:96], 32)
+    assert np.asarray(short.loss_curve).shape == (3,)  # fewer steps than points: one per step
 
 
 def test_same_seed_gives_bitwise_identical_runs():

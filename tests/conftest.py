@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mnist_jax.data import DATA_DIR_ENV, Dataset, load_dataset
+from mnist_jax.data import CACHE_DIR_ENV, DATA_DIR_ENV, Dataset, load_dataset
 
 
 def _data_dir(name: str) -> Path:
@@ -30,10 +31,19 @@ def fashion_dir() -> Path:
     return _data_dir("fashion_mnist")
 
 
-@pytest.fixture(scope="session")
-def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder shared by the whole session (tfds prepares MNIST into it once)."""
-    return tmp_path_factory.mktemp("mnist_jax_cache")
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache folder shared by the whole session (tfds prepares MNIST into it once). It is
+    also ``$MNIST_JAX_CACHE_DIR`` for every run and subprocess that names no cache of its
+    own, so no test prepares MNIST again elsewhere, and a user's own cache is never written."""
+    path = tmp_path_factory.mktemp("mnist_jax_cache")
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
 
 
 @pytest.fixture(scope="session")

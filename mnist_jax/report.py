@@ -250,10 +250,10 @@ def learning_curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
         ax.set_ylabel(metric)
         ax.set_title(f"{metric.capitalize()} per epoch")
         if len(epoch_numbers) <= 12:  # few epochs: one tick each (also right for a single epoch)
-            ax.set_xticks(([epoch_numbers[0] - 1] if within else []) + epoch_numbers)
+            ticks = ([epoch_numbers[0] - 1] if within else []) + epoch_numbers
             margin = 0.05 if within else 0.5
-            ax.set_xlim(epoch_numbers[0] - 1 - margin if within else epoch_numbers[0] - margin,
-                        epoch_numbers[-1] + margin)
+            ax.set_xticks(ticks)
+            ax.set_xlim(ticks[0] - margin, ticks[-1] + margin)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.35)

@@ -26,7 +26,7 @@ from mnist_jax import data as data_lib
 from mnist_jax import parallel
 from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError
-from mnist_jax.rundir import RunDir
+from mnist_jax.rundir import CURVE_SUFFIX, RunDir
 
 __all__ = ["LoadedRun", "RunOutcome", "TrainingInterrupted", "LostProcess", "train_run",
            "load_run", "default_run_dir", "check_resume_config"]
@@ -318,7 +318,7 @@ class _Tensorboard:
 
     def log(self, row: dict) -> None:
         for key, value in row.items():
-            if key in ("epoch", "models") or key.endswith("_curve"):  # the report draws those
+            if key in ("epoch", "models") or key.endswith(CURVE_SUFFIX):  # the report draws those
                 continue
             values = value if isinstance(value, list) else [value]
             for name, v in zip(self.names, values):

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mnist_jax.atomic import atomic_path
 from mnist_jax.errors import DataError
+from mnist_jax.rundir import CURVE_SUFFIX
 
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -172,7 +173,7 @@ def _num_models(rows: Sequence[dict[str, Any]], results: dict[str, Any] | None =
         if isinstance(row.get("models"), list):
             n = max(n, len(row["models"]))
         for key, value in row.items():
-            if key.endswith("_curve"):  # points within the epoch, not models
+            if key.endswith(CURVE_SUFFIX):  # points within the epoch, not models
                 continue
             if isinstance(value, list) and value and not isinstance(value[0], dict):
                 n = max(n, len(value))
@@ -226,7 +227,7 @@ def learning_curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     for ax, metric in zip(axes, ("loss", "accuracy")):
         drawn = False
         many_epochs = len(rows) > 30
-        within = _curve_series(rows, f"train_{metric}_curve")
+        within = _curve_series(rows, f"train_{metric}{CURVE_SUFFIX}")
         for split, color in _SPLITS:
             series = within if split == "train" and within else _series(rows, f"{split}_{metric}")
             if series is None:

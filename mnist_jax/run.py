@@ -22,6 +22,7 @@ from mnist_jax import data as data_lib
 from mnist_jax import models, parallel
 from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError
+from mnist_jax.rundir import CURVE_SUFFIX
 from mnist_jax.augment import AugmentSpec
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
                                 create_train_state, exposes_learning_rate, make_optimizer,
@@ -305,8 +306,8 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
             raise TrainingDiverged(epoch, int(min(bad)), state)
         state = new_state
         row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy,
-                               "train_loss_curve": m.loss_curve,
-                               "train_accuracy_curve": m.accuracy_curve}
+                               f"train_loss{CURVE_SUFFIX}": m.loss_curve,
+                               f"train_accuracy{CURVE_SUFFIX}": m.accuracy_curve}
         if val_fn is not None:
             v = to_host(val_fn(state, *dev.val))
             row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])

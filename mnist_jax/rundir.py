@@ -29,6 +29,10 @@ from mnist_jax.atomic import write_atomic
 from mnist_jax.config import TrainConfig
 from mnist_jax.errors import DataError, UsageError
 
+CURVE_SUFFIX = "_curve"
+"""A ``metrics.jsonl`` key ending in this holds points within the epoch (one per stretch of
+its steps, e.g. ``train_loss_curve``), not one value per model."""
+
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "params.msgpack", "checkpoints", "tb",
              "report")
 

@@ -62,7 +62,7 @@ fi
 
 if [[ $SECTIONS == *" tests "* ]]; then
 log "tests on the GPU"
-timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --timeout 120 \
+timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -o addopts= --timeout 120 \
     tests/test_models.py tests/test_resume.py tests/test_training.py \
     tests/test_training_failures.py > "$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"

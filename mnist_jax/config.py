@@ -100,7 +100,8 @@ class TrainConfig:
         "rotation=10,scale=0.1,shear=5,translate=2.5,elastic=0 (degrees, fraction, degrees, "
         "pixels, pixels), or none")
     validation_split: float = _field(
-        0.0, "fraction of the training data held out for validation (last part, as Keras)")
+        0.0, "fraction of the training data held out for validation (last part, as Keras); "
+             "the test set is then evaluated only after the last epoch")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
     dropout: float | None = _field(None, "dropout rate of the MLP (default 0.4)")
     impl: str = _field("auto", "layer implementation: fast CPU paths, plain XLA, or auto",

@@ -277,7 +277,8 @@ def row_text(row: dict) -> str:
     parts = [f"loss {fmt(row['train_loss'])}", f"acc {fmt(row['train_accuracy'])}"]
     if "val_accuracy" in row:
         parts.append(f"val_acc {fmt(row['val_accuracy'])}")
-    parts.append(f"test_acc {fmt(row['test_accuracy'])}")
+    if "test_accuracy" in row:  # with a validation split: the last epoch only
+        parts.append(f"test_acc {fmt(row['test_accuracy'])}")
     return ", ".join(parts)
 
 

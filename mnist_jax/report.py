@@ -236,7 +236,8 @@ def learning_curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
             stats = np.array([_stats(r) for r in table])
             mean, lo, hi = stats[:, 0], stats[:, 2], stats[:, 3]
             label = split if table.shape[1] == 1 else f"{split} (mean)"
-            dots = not many_epochs and not (split == "train" and within)
+            # a lone point (the test set read once, after the last epoch) needs its marker
+            dots = len(epochs) == 1 or not many_epochs and not (split == "train" and within)
             ax.plot(epochs, mean, color=color, label=label,
                     marker="o" if dots else None, markersize=3.5, linewidth=1.6)
             if table.shape[1] > 1:

@@ -264,8 +264,12 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     losses) replace what ``config`` describes; every seed of ``config.seeds`` trains its
     own copy in the one compiled program. ``on_epoch(epoch, state, row)`` is called after
     every epoch with the 1-based epoch number, the new state and the metrics row (what
-    ``metrics.jsonl`` holds). Raises :class:`TrainingDiverged` (carrying the last good
-    state) on a non-finite loss.
+    ``metrics.jsonl`` holds). Without a validation split every row also holds the test
+    loss and accuracy (the Keras tutorial's ``validation_data`` is the test set); with
+    ``config.validation_split`` the rows hold the validation figures and the test set is
+    read once, after the last epoch (only that row has them), so nothing during training
+    looks at it. Raises :class:`TrainingDiverged` (carrying the last good state) on a
+    non-finite loss.
     """
     config = config.validate()
     options = step_options(config, loss)
@@ -311,8 +315,10 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
         if val_fn is not None:
             v = to_host(val_fn(state, *dev.val))
             row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-        te = to_host(eval_fn(state, *dev.test))
-        row.update(test_loss=te["loss"], test_accuracy=te["accuracy"], epoch_seconds=seconds)
+        if val_fn is None or epoch == config.epochs:
+            te = to_host(eval_fn(state, *dev.test))
+            row.update(test_loss=te["loss"], test_accuracy=te["accuracy"])
+        row["epoch_seconds"] = seconds
         parallel.assert_same_on_all_processes(
             {k: np.asarray(v, np.float64) for k, v in row.items() if "loss" in k or "acc" in k},
             f"epoch {epoch} metrics")

@@ -294,6 +294,18 @@ def test_training_is_drawn_within_each_epoch_and_evaluation_after_it(tmp_path, m
             ["train", "val"] if models == 1 else ["train (mean)", "val (mean)"])
 
 
+def test_a_test_set_read_only_after_the_last_epoch_is_one_point_there(tmp_path):
+    _write_run(tmp_path, epochs=40)  # validation every epoch, as with --validation-split
+    rows = read_metrics(tmp_path)
+    rows[-1].update(test_loss=0.04, test_accuracy=0.99)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ax in learning_curves_figure(read_metrics(tmp_path)).axes:
+        val, test = ax.lines[1:3]
+        assert len(val.get_xdata()) == 40 and list(test.get_xdata()) == [40]
+        assert test.get_marker() == "o"  # a point without its marker would not show
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "val", "test"]
+
+
 def test_a_run_without_within_epoch_curves_draws_training_at_each_epoch(tmp_path):
     _write_run(tmp_path, epochs=2)
     train = learning_curves_figure(read_metrics(tmp_path)).axes[0].lines[0]

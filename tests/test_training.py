@@ -90,6 +90,18 @@ def test_same_seed_gives_bitwise_identical_runs():
     assert not leaves_equal(a.state.params, c.state.params)
 
 
+def test_with_a_validation_split_the_test_set_is_read_once_after_the_last_epoch():
+    ds = synthetic()
+    result = fit(dataclasses.replace(SMALL, validation_split=0.25), ds)
+    rows = result.history
+    assert all("val_accuracy" in r and "val_loss" in r for r in rows)
+    assert [("test_accuracy" in r, "test_loss" in r) for r in rows] == [(False, False)] * 2 + [
+        (True, True)]
+    assert result.test["accuracy"] == rows[-1]["test_accuracy"]
+    # without one, the test set is the validation data of every epoch (the Keras tutorial)
+    assert all("test_accuracy" in r and "val_accuracy" not in r for r in fit(SMALL, ds).history)
+
+
 def test_resuming_from_a_state_continues_exactly():
     ds = synthetic()
     full = fit(SMALL, ds)

@@ -171,10 +171,8 @@ class CNN(nn.Module):
     ``pool_after=(True, True)`` pools after each conv (tutorial appendix).
     ``kernel_size`` is one square size for every conv, or one per conv layer
     (e.g. ``features=(24, 32), kernel_size=(5, 3)``). ``input_norm=(mean, std)``
-    standardises the [0, 1] input first. ``crop`` cuts that many pixels from each border
-    before the first layer (MNIST's digits fill the middle 20x20, so ``crop=2`` keeps the
-    central 24x24 and drops work on pixels that are almost always blank).
-    ``weight_init``: "lecun" (Flax's default) or "torch" (PyTorch's, see :func:`initializers`).
+    standardises the [0, 1] input first. ``weight_init``: "lecun" (Flax's default) or "torch"
+    (PyTorch's, see :func:`initializers`).
     Input ``(B,28,28)`` or ``(B,28,28,1)``; returns float32 logits.
 
     ``impl``: "xla" (``nn.Conv``/``nn.max_pool``), "fast" (fused custom-VJP
@@ -197,13 +195,10 @@ class CNN(nn.Module):
     impl: str = "auto"
     input_norm: tuple[float, float] | None = None
     weight_init: str = "lecun"
-    crop: int = 0
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; choose one of {list(IMPLS)}")
-        if not isinstance(self.crop, int) or self.crop < 0:
-            raise ValueError(f"crop must be a whole number of pixels, 0 or more; got {self.crop!r}")
         if self.weight_init not in INITS:
             raise ValueError(f"unknown weight_init {self.weight_init!r}; choose one of {list(INITS)}")
         if self.pool_after is not None and len(self.pool_after) != len(self.features):
@@ -240,11 +235,6 @@ class CNN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dtype = jnp.dtype(self.dtype)
         x = _standardize(jnp.asarray(x, dtype), self.input_norm)
-        if self.crop:
-            c = self.crop
-            if 2 * c >= min(x.shape[1:3]):
-                raise ValueError(f"crop={c} leaves nothing of {x.shape[1]}x{x.shape[2]} images")
-            x = x[:, c : x.shape[1] - c, c : x.shape[2] - c]
         layers = list(zip(self.features, self._kernel_sizes(), self._pools()))
         if self.impl_for(train) == "fast":
             ws, bs, cfg = [], [], []

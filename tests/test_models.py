@@ -204,25 +204,6 @@ def test_smallcnn_is_the_speedrun_record_net_on_standardised_inputs() -> None:
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "fast"])
-def test_crop_feeds_the_first_layer_the_central_pixels_only(impl) -> None:
-    cropped = create_model("smallcnn", impl=impl, crop=2)
-    x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28)), jnp.float32)
-    params = cropped.init(jax.random.PRNGKey(0), x, train=False)["params"]
-    assert params["dense_0"]["kernel"].shape == (4 * 4 * 32, 256)  # 24 -conv5-> 20 -pool-> 10 ...
-    central = create_model("smallcnn", impl=impl).apply({"params": params}, x[:, 2:26, 2:26],
-                                                          train=True, rngs={"dropout": jax.random.key(0)})
-    np.testing.assert_array_equal(
-        cropped.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)}), central)
-    blank_border = x.at[:, :2].set(9.0).at[:, :, -2:].set(-9.0)  # what lies outside is unseen
-    np.testing.assert_array_equal(cropped.apply({"params": params}, x, train=False),
-                                  cropped.apply({"params": params}, blank_border, train=False))
-    with pytest.raises(ValueError, match="crop"):
-        create_model("smallcnn", crop=-1)
-    with pytest.raises(ValueError, match="crop=14"):
-        create_model("smallcnn", crop=14).init(jax.random.PRNGKey(0), x, train=False)
-
-
 def test_torch_weight_init_is_pytorchs_uniform_bound_on_both_paths() -> None:
     # PyTorch's Conv2d/Linear default: kernel and bias uniform in +-1/sqrt(fan_in).
     fan_ins = {"conv_0": 5 * 5 * 1, "conv_1": 3 * 3 * 24, "dense_0": 800, "dense_1": 256}

@@ -207,10 +207,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def device_slug(platform_name: str, kind: str, count: int, cores: int | None = None) -> str:
-    """File-name-safe device name: ``cpu-AMD-EPYC-2core`` or ``gpu-NVIDIA-H100-x8``."""
+def device_slug(platform_name: str, kind: str, count: int, cores: int | None = None,
+                flags: set[str] | None = None) -> str:
+    """File-name-safe device name: ``cpu-AMD-EPYC-2core`` or ``gpu-NVIDIA-H100-x8``.
+
+    A CPU without AVX-512 (``flags`` from /proc/cpuinfo, read when not given) is named
+    ``cpu-AMD-EPYC-noavx512-2core``: a VM reports one model name ("AMD EPYC") for CPU
+    generations that run these benchmarks at different speeds, and the results of one must
+    not overwrite the other's (this project's reference CPU has AVX-512)."""
     if platform_name == "cpu":
-        return f"cpu-{_slug(kind)}-{cores or os.cpu_count()}core"
+        flags = cpu_flags() if flags is None else flags
+        isa = "" if not flags or "avx512f" in flags else "-noavx512"
+        return f"cpu-{_slug(kind)}{isa}-{cores or os.cpu_count()}core"
     return f"{platform_name}-{_slug(kind)}" + (f"-x{count}" if count > 1 else "")
 
 
@@ -1259,7 +1267,7 @@ def run(args: argparse.Namespace) -> int:
     kind = cpu_model() if dev.platform == "cpu" else getattr(dev, "device_kind", str(dev))
     load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     results: dict[str, Any] = {
-        "device": device_slug(dev.platform, kind, jax.device_count(), cores),
+        "device": device_slug(dev.platform, kind, jax.device_count(), cores, flags),
         "quick": bool(args.quick), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "device_info": {"platform": dev.platform, "kind": kind, "devices": jax.device_count(),
                         "cores": cores, "python": platform.python_version(), "jax": jax.__version__,

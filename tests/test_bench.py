@@ -45,7 +45,11 @@ def test_the_eval_floor_is_the_time_that_runs_at_the_ceiling():
 
 
 def test_device_slug_and_amx_report():
-    assert bench.device_slug("cpu", "AMD EPYC", 1, cores=2) == "cpu-AMD-EPYC-2core"
+    assert bench.device_slug("cpu", "AMD EPYC", 1, cores=2, flags={"avx2", "avx512f"}) == (
+        "cpu-AMD-EPYC-2core")
+    # the same model name without AVX-512 (another CPU generation) gets results of its own
+    assert bench.device_slug("cpu", "AMD EPYC", 1, cores=2, flags={"avx2"}) == (
+        "cpu-AMD-EPYC-noavx512-2core")
     assert bench.device_slug("gpu", "NVIDIA H100 80GB HBM3", 8) == "gpu-NVIDIA-H100-80GB-HBM3-x8"
     assert "no AMX" in bench.amx_report({"avx512f", "avx512_bf16"})["note"]
     assert bench.amx_report({"amx_tile", "amx_bf16"})["amx_flags"] == ["amx_bf16", "amx_tile"]

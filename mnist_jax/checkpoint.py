@@ -283,7 +283,8 @@ class Checkpointer:
         for tmp in ocp.path.step.all_temporary_paths(self.directory):
             shutil.rmtree(tmp.get(), ignore_errors=True)
 
-    def restore(self, template_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore(self, template_state: Any, epoch: int | None = None
+                ) -> tuple[int, Any, dict[str, Any]] | None:
         """Restore the newest usable checkpoint as ``(epoch, state, meta)``.
 
         ``template_state`` (arrays or ``jax.ShapeDtypeStruct`` leaves) gives
@@ -292,8 +293,17 @@ class Checkpointer:
         Returns None when there are no checkpoints; raises DataError (naming
         the oldest one's problem, the others having been warned about) when
         there are some but none can be restored into the template.
+
+        ``epoch`` restores that epoch's checkpoint instead, with the same checks
+        and no fallback: DataError when it is not kept or cannot be read.
         """
         epochs = self.all_epochs()
+        if epoch is not None:
+            if epoch not in epochs:
+                kept = ", ".join(map(str, epochs)) or "none"
+                raise DataError(f"no checkpoint of epoch {epoch} in {self.directory} "
+                                f"(kept: {kept})")
+            epochs = [epoch]
         if not epochs:
             return None
         abstract = jax.tree.map(_abstract_leaf, template_state)

@@ -88,11 +88,12 @@ def assert_same(restored: Any, expected: Any) -> None:
         assert np.array_equal(a, b)
 
 
-def restore_quiet(c: Checkpointer, template: Any) -> tuple[tuple[int, Any, dict] | None, list[str]]:
+def restore_quiet(c: Checkpointer, template: Any, epoch: int | None = None
+                  ) -> tuple[tuple[int, Any, dict] | None, list[str]]:
     """restore() plus the warnings it emitted."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = c.restore(template)
+        result = c.restore(template, epoch)
     return result, [str(w.message) for w in caught]
 
 
@@ -244,6 +245,22 @@ def test_all_damaged_is_a_data_error(tmp_path: Path, states: dict) -> None:
     _truncate(tmp_path / "epoch_1")
     with Checkpointer(tmp_path) as c, pytest.raises(DataError, match="epoch_1"):
         c.restore(states[1])
+
+
+@ORBAX_ABANDONED_IO
+def test_a_named_epoch_restores_that_checkpoint_or_says_why_not(tmp_path: Path, states: dict) -> None:
+    with Checkpointer(tmp_path, keep=3) as c:
+        for epoch in (1, 2, 3):
+            c.save(epoch, states[epoch], {"epoch": epoch})
+    _truncate(tmp_path / "epoch_2")
+    with Checkpointer(tmp_path) as c:
+        result, warned = restore_quiet(c, states[3], epoch=1)
+        assert not warned and result[0] == 1 and result[2] == {"epoch": 1}
+        assert_same(result[1], states[1])
+        with pytest.raises(DataError, match=r"epoch_2 is unusable"):  # no fallback to epoch 1
+            c.restore(states[3], epoch=2)
+        with pytest.raises(DataError, match=r"no checkpoint of epoch 7 .*\(kept: 1, 2, 3\)"):
+            c.restore(states[3], epoch=7)
 
 
 def test_leftover_temporary_dir_is_ignored_and_cleaned(tmp_path: Path, states: dict) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data folders (from $MNIST_JAX_DATA_DIR) and a session MNIST."""
+"""Shared fixtures: the real-data folders (from $MNIST_JAX_DATA_DIR), a session MNIST and
+toy digits."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mnist_jax.data import CACHE_DIR_ENV, DATA_DIR_ENV, Dataset, load_dataset
+from mnist_jax.data import (
+    CACHE_DIR_ENV,
+    DATA_DIR_ENV,
+    Dataset,
+    load_dataset,
+    synthetic_digits,
+)
 
 
 def _data_dir(name: str) -> Path:
@@ -50,6 +58,16 @@ def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def mnist(mnist_dir: Path, data_cache_dir: Path) -> Dataset:
     """Real MNIST, loaded once per session through ``load_dataset`` into a fresh cache."""
     return load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    """1,024 training and 256 test toy digits (``synthetic_digits``): a whole run through
+    the library in seconds."""
+    rng = np.random.default_rng(0)
+    tx, ty = synthetic_digits(rng, 1024)
+    vx, vy = synthetic_digits(rng, 256)
+    return Dataset("mnist", tx, ty.astype(np.int32), vx, vy.astype(np.int32), "synthetic")
 
 
 @pytest.fixture

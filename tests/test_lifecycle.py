@@ -18,21 +18,12 @@ import optax
 import pytest
 
 import mnist_jax as mj
-from mnist_jax.data import synthetic_digits
 from mnist_jax.errors import UsageError
 from mnist_jax.lifecycle import check_resume_config
 from mnist_jax.run import MEMORY_LIMIT_ENV
 from mnist_jax.usermodel import build_user_model
 
 NET = Path(__file__).resolve().parent / "assets" / "net.py"
-
-
-@pytest.fixture(scope="module")
-def digits() -> mj.Dataset:
-    rng = np.random.default_rng(0)
-    tx, ty = synthetic_digits(rng, 1024)
-    vx, vy = synthetic_digits(rng, 256)
-    return mj.Dataset("mnist", tx, ty.astype(np.int32), vx, vy.astype(np.int32), "synthetic")
 
 
 def small_net():

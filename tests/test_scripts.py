@@ -12,11 +12,7 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import mnist_jax as mj
-from mnist_jax.data import synthetic_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,14 +22,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def digits() -> mj.Dataset:
-    rng = np.random.default_rng(0)
-    tx, ty = synthetic_digits(rng, 1024)
-    vx, vy = synthetic_digits(rng, 256)
-    return mj.Dataset("mnist", tx, ty.astype(np.int32), vx, vy.astype(np.int32), "synthetic")
 
 
 def train(digits: mj.Dataset, out: Path, **fields) -> Path:
@@ -52,7 +40,7 @@ def test_eval_variants_scores_the_validation_digits_as_the_run_did(digits, tmp_p
 
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     val = [f"{a:.4f}" for a in last["val_accuracy"]]
-    lines = {m[1].strip(): m[2] for m in re.finditer(r"^  (.{30}) (\S+ \S+) \|", out, re.M)}
+    lines = {m[1].strip(): m[2] for m in re.finditer(r"^  (.{30}) (\S+ \S+) \|", out, re.MULTILINE)}
     # the plain prediction and the last checkpoint are the run's own final weights
     assert lines["none"].split() == val and lines["epoch 2"].split() == val
     assert set(lines) == set(script.TTA) | {"epoch 1", "epoch 2", "epoch 1+2"}

@@ -25,11 +25,13 @@ import sys
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import mnist_jax as mj
 from mnist_jax.augment import affine_from_params, warp_affine
 from mnist_jax.checkpoint import Checkpointer
+from mnist_jax.config import CUSTOM
 
 IDENTITY = (0.0, 1.0, 0.0, 0.0, 0.0)  # rotation°, zoom, shear°, shift down, shift right (px)
 TTA = {
@@ -55,10 +57,10 @@ def score(probs: list[np.ndarray], labels: np.ndarray) -> str:
 
 def tta_probs(state, images: np.ndarray, transforms: Sequence[tuple]) -> np.ndarray:
     """Mean softmax of one model over the transformed copies of ``images``."""
-    pixels = jax.numpy.asarray(images, jax.numpy.float32)  # 0-255: predict scales by 1/255
+    pixels = jnp.asarray(images, jnp.float32)  # 0-255: predict scales by 1/255
     total = 0.0
     for t in transforms:
-        matrices = jax.numpy.broadcast_to(affine_from_params(*t), (len(images), 2, 3))
+        matrices = jnp.broadcast_to(affine_from_params(*t), (len(images), 2, 3))
         total = total + mj.predict(state, pixels if t == IDENTITY else warp_affine(pixels, matrices))
     return total / len(transforms)
 
@@ -96,6 +98,9 @@ def report(loaded: mj.LoadedRun, ds: mj.Dataset) -> int:
         print(f"  {name:30s} {score(probs, labels)}", flush=True)
 
     print("\nweight averaging (kept checkpoints):")
+    if config.optimizer == CUSTOM:  # its optimizer state's structure is not in config.json
+        print("  the run trained with an optimizer of its own: its checkpoints need it")
+        return 0
     template = mj.init_state(config, model=loaded.model)
     with Checkpointer(loaded.run.checkpoint_dir) as ckpt:
         kept = {e: ckpt.restore(template, epoch=e)[1] for e in ckpt.all_epochs()}

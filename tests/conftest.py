@@ -10,13 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_jax.data import (
-    CACHE_DIR_ENV,
-    DATA_DIR_ENV,
-    Dataset,
-    load_dataset,
-    synthetic_digits,
-)
+from mnist_jax.data import (CACHE_DIR_ENV, DATA_DIR_ENV, Dataset, load_dataset,
+                            synthetic_digits)
 
 
 def _data_dir(name: str) -> Path:

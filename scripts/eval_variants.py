@@ -21,6 +21,7 @@ and the accuracy of their ensemble (mean of the models' softmax probabilities).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -60,8 +61,9 @@ def tta_probs(state, images: np.ndarray, transforms: Sequence[tuple]) -> np.ndar
     pixels = jnp.asarray(images, jnp.float32)  # 0-255: predict scales by 1/255
     total = 0.0
     for t in transforms:
-        matrices = jnp.broadcast_to(affine_from_params(*t), (len(images), 2, 3))
-        total = total + mj.predict(state, pixels if t == IDENTITY else warp_affine(pixels, matrices))
+        view = pixels if t == IDENTITY else warp_affine(
+            pixels, jnp.broadcast_to(affine_from_params(*t), (len(images), 2, 3)))
+        total = total + mj.predict(state, view)
     return total / len(transforms)
 
 
@@ -113,8 +115,8 @@ def report(loaded: mj.LoadedRun, ds: mj.Dataset) -> int:
         mean = loaded.state.replace(**{
             part: jax.tree.map(lambda *a: sum(a) / len(a), *[getattr(kept[e], part) for e in group])
             for part in ("params", "model_state")})
-        states = [mj.unstack_state(mean, i) if config.num_models > 1 else mean for i in models]
-        probs = [mj.predict(s, images) for s in states]
+        averaged = dataclasses.replace(loaded, state=mean)
+        probs = [mj.predict(averaged.model_state(i), images) for i in models]
         label = "epoch " + "+".join(map(str, group))
         print(f"  {label:30s} {score(probs, labels)}", flush=True)
     return 0

@@ -1,7 +1,9 @@
-"""The research scripts that judge a finished run (``scripts/``) keep to the honest
-protocol: they read the run's validation digits, never its test set.
+"""The research scripts (``scripts/``): those that judge a finished run keep to the honest
+protocol (they read the run's validation digits, never its test set), and the record-scale
+net of ``resnet_seeds.py`` is the one it describes.
 
-Small synthetic digits and the MLP keep this fast; the script's real use is on `best`.
+Small synthetic digits, the MLP and narrow nets keep this fast; the scripts' real use is
+on `best` and on a GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import dataclasses
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 import mnist_jax as mj
 
@@ -20,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Flax modules are dataclasses, which look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -52,3 +61,38 @@ def test_eval_variants_refuses_a_run_without_a_validation_split(digits, tmp_path
     assert load_script("eval_variants").main([str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "held out no validation split" in err and "\n" not in err
+
+
+def test_record_net_pools_a_last_odd_row_alone_as_pytorch_ceil_mode():
+    max_pool = load_script("resnet_seeds").max_pool
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 3))
+    assert max_pool(x).shape == (2, 4, 4, 3)
+    np.testing.assert_array_equal(max_pool(x), nn.max_pool(x, (2, 2), (2, 2), ((0, 1), (0, 1))))
+    np.testing.assert_array_equal(max_pool(x[:, :6, :6]), nn.max_pool(x[:, :6, :6], (2, 2), (2, 2)))
+
+
+def test_record_net_has_the_record_shape_and_batchnorm_statistics(digits):
+    rs = load_script("resnet_seeds")
+    shapes = jax.eval_shape(lambda: rs.RecordResNet().init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 28, 28)), train=False))
+    kernels = {jax.tree_util.keystr(path[:1]): leaf.shape
+               for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"])
+               if path[-1].key == "kernel"}
+    # conv 5x5 -> 128 (im2col: 25 taps), residual units 0-1 at 128; per stage a conv 3x3
+    # to 256 / 512 and a residual unit; Dense 512 -> 10
+    assert kernels == {"['Conv_0']": (25, 128), "['NormedResidual_0']": (9 * 128, 128),
+                       "['NormedResidual_1']": (9 * 128, 128), "['Conv_1']": (9 * 128, 256),
+                       "['NormedResidual_2']": (9 * 256, 256), "['Conv_2']": (9 * 256, 512),
+                       "['NormedResidual_3']": (9 * 512, 512), "['Dense_0']": (512, 10)}
+
+    narrow = rs.RecordResNet(widths=(4, 8, 8))
+    x = digits.train_images[:32].astype(np.float32) / 255
+    variables = narrow.init(jax.random.PRNGKey(0), x, train=False)
+    logits, updated = narrow.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.shape == (32, 10)
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
+                         updated["batch_stats"])
+    assert all(jax.tree.leaves(moved))  # every BatchNorm learns its batch's statistics
+    # evaluation uses the running statistics: a digit scores alike alone or in a batch
+    np.testing.assert_allclose(narrow.apply(variables, x[:1], train=False),
+                               narrow.apply(variables, x, train=False)[:1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,159 @@
+"""What a single model at the records' accuracy costs on this machine (issue #13).
+
+Times one training step of the ``best`` recipe's ``bncnn`` and of ``RecordResNet``
+(``scripts/resnet_seeds.py --net record``: the residual net behind ttdoucet/mnist's
+99.70-99.79 %), each inside mnist-jax's compiled epoch loop with its augmentation drawn
+on the device, interleaved over several rounds in one process; then the training time
+per seed that each one's epochs take at that speed (54,000 training digits: the
+validation split of 0.1 held out), and the ratio of the two.
+
+    python benchmarks/record_cost.py                  # writes benchmarks/results/record-cost-<device>.{json,md}
+    python benchmarks/record_cost.py --steps 2 --rounds 2 --out /tmp/r
+
+Random digits: a step's cost does not depend on the pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mnist_jax as mj  # noqa: E402
+from bench import cpu_model, device_slug  # noqa: E402  (this folder)
+from mnist_jax import run as run_lib  # noqa: E402
+from mnist_jax.atomic import write_atomic  # noqa: E402
+from mnist_jax.training import run_steps  # noqa: E402
+import resnet_seeds as rs  # noqa: E402  (scripts/)
+
+TRAIN_DIGITS = 54_000  # 60,000 less a validation split of 0.1, as the best recipe's runs
+# bncnn runs this many times --steps per timed call: a call allocates its temporaries
+# afresh, which a few of its ~10x cheaper steps would not amortise.
+CHEAP_STEPS = 10
+
+
+def contenders() -> dict[str, dict[str, Any]]:
+    """name -> model, optimizer, step options, batch size and epochs of its recipe."""
+    best = mj.TrainConfig.from_recipe("best", validation_split=0.1)
+    rec = rs.NETS["record"]
+    steps = TRAIN_DIGITS // rec["batch_size"] * rec["epochs"]
+    return {
+        "bncnn (best recipe)": {
+            "model": run_lib.build_model(best), "tx": run_lib.build_optimizer(best, 60_000),
+            "options": run_lib.step_options(best), "batch": best.batch_size,
+            "epochs": best.epochs, "steps": CHEAP_STEPS},
+        "RecordResNet (resnet_seeds.py --net record)": {
+            "model": rs.RecordResNet(),
+            "tx": rs.make_optimizer(rec["lr"], steps, rec["warmup"]),
+            "options": mj.StepOptions(augment=mj.AugmentSpec.parse(rec["augment"])),
+            "batch": rec["batch_size"], "epochs": rec["epochs"], "steps": 1},
+    }
+
+
+def forward_macs(model) -> float:
+    """Multiply-adds of one digit's forward pass, from XLA's cost analysis."""
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28)), train=False)
+    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, jnp.zeros((1, 28, 28))).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / 2
+
+
+def measure(steps: int, rounds: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    runs = {}
+    for name, c in contenders().items():
+        n = c["steps"] * steps
+        state = mj.create_train_state(c["model"], c["tx"], 0)
+        x = jnp.asarray(rng.integers(0, 256, (n, c["batch"], 28, 28), dtype=np.uint8))
+        y = jnp.asarray(rng.integers(0, 10, (n, c["batch"])), jnp.int32)
+        t = time.perf_counter()
+        fn = jax.jit(run_steps, static_argnums=(3, 4)).lower(
+            state, x, y, None, c["options"]).compile()
+        compile_s = time.perf_counter() - t
+        runs[name] = dict(c, fn=fn, args=(state, x, y), compile_s=compile_s, times=[],
+                          steps=n)
+        print(f"{name}: compiled in {compile_s:.1f} s", flush=True)
+    for r in range(rounds):  # interleaved: a slow spell of the machine slows both alike
+        for name, run in runs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(run["fn"](*run["args"]))
+            run["times"].append((time.perf_counter() - t) / run["steps"])
+            print(f"round {r + 1}: {name}: {run['times'][-1] * 1e3:.0f} ms/step", flush=True)
+    out = {}
+    for name, run in runs.items():
+        step_s = statistics.median(run["times"])
+        steps_per_seed = TRAIN_DIGITS // run["batch"] * run["epochs"]
+        out[name] = {"batch_size": run["batch"], "epochs": run["epochs"],
+                     "steps_per_call": run["steps"],
+                     "forward_macs_per_digit": forward_macs(run["model"]),
+                     "step_seconds": step_s, "step_seconds_all": run["times"],
+                     "compile_seconds": run["compile_s"], "steps_per_seed": steps_per_seed,
+                     "training_seconds_per_seed": step_s * steps_per_seed}
+    return out
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# What a record-scale single model costs: {results['device']}", "",
+             (f"{results['cpu']}, jax {results['jax']}, {results['date']}; "
+              f"`{results['command']}` ({results['rounds']} interleaved rounds; medians "
+              "of the time per step)."), "",
+             ("| model | multiply-adds per digit | batch × epochs | s per step | "
+              "training per seed (54,000 digits) |"), "| --- | --- | --- | --- | --- |"]
+    for name, r in results["models"].items():
+        lines.append(f"| {name} | {r['forward_macs_per_digit'] / 1e6:,.0f} M | "
+                     f"{r['batch_size']} × {r['epochs']} | {r['step_seconds']:.3f} | "
+                     f"{r['training_seconds_per_seed'] / 60:,.1f} min |")
+    ratio = results["ratio_per_seed"]
+    lines += ["", f"RecordResNet / bncnn: **{ratio:.1f}×** the training time per seed.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3,
+                   help="steps per timed call of RecordResNet, 10x that of bncnn (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder for the results files")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1")
+    dev = jax.devices()[0]
+    models = measure(args.steps, args.rounds)
+    names = list(models)
+    results = {
+        "device": device_slug(dev.platform, cpu_model() if dev.platform == "cpu"
+                              else dev.device_kind, 1),
+        "cpu": cpu_model(), "platform": platform.platform(), "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "rounds": args.rounds,
+        "command": "python benchmarks/record_cost.py" + "".join(
+            f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "models": models,
+        "ratio_per_seed": (models[names[1]]["training_seconds_per_seed"]
+                           / models[names[0]]["training_seconds_per_seed"]),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"record-cost-{results['device']}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
+    write_atomic(stem.with_suffix(".md"), format_markdown(results), durable=False)
+    print(format_markdown(results))
+    print(f"written: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

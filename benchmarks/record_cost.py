@@ -45,20 +45,21 @@ CHEAP_STEPS = 10
 
 
 def contenders() -> dict[str, dict[str, Any]]:
-    """name -> model, optimizer, step options, batch size and epochs of its recipe."""
+    """name -> model, optimizer, step options, batch size and epochs of its recipe, and
+    its steps per timed call (times --steps)."""
     best = mj.TrainConfig.from_recipe("best", validation_split=0.1)
     rec = rs.NETS["record"]
-    steps = TRAIN_DIGITS // rec["batch_size"] * rec["epochs"]
+    schedule_steps = TRAIN_DIGITS // rec["batch_size"] * rec["epochs"]
     return {
         "bncnn (best recipe)": {
             "model": run_lib.build_model(best), "tx": run_lib.build_optimizer(best, 60_000),
             "options": run_lib.step_options(best), "batch": best.batch_size,
-            "epochs": best.epochs, "steps": CHEAP_STEPS},
+            "epochs": best.epochs, "call_steps": CHEAP_STEPS},
         "RecordResNet (resnet_seeds.py --net record)": {
             "model": rs.RecordResNet(),
-            "tx": rs.make_optimizer(rec["lr"], steps, rec["warmup"]),
+            "tx": rs.make_optimizer(rec["lr"], schedule_steps, rec["warmup"]),
             "options": mj.StepOptions(augment=mj.AugmentSpec.parse(rec["augment"])),
-            "batch": rec["batch_size"], "epochs": rec["epochs"], "steps": 1},
+            "batch": rec["batch_size"], "epochs": rec["epochs"], "call_steps": 1},
     }
 
 
@@ -75,7 +76,7 @@ def measure(steps: int, rounds: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     runs = {}
     for name, c in contenders().items():
-        n = c["steps"] * steps
+        n = c["call_steps"] * steps
         state = mj.create_train_state(c["model"], c["tx"], 0)
         x = jnp.asarray(rng.integers(0, 256, (n, c["batch"], 28, 28), dtype=np.uint8))
         y = jnp.asarray(rng.integers(0, 10, (n, c["batch"])), jnp.int32)

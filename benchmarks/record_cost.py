@@ -7,7 +7,7 @@ on the device, interleaved over several rounds in one process; then the training
 per seed that each one's epochs take at that speed (54,000 training digits: the
 validation split of 0.1 held out), and the ratio of the two.
 
-    python benchmarks/record_cost.py                  # writes benchmarks/results/record-cost-<device>.{json,md}
+    python benchmarks/record_cost.py     # benchmarks/results/record-cost-<device>.{json,md}
     python benchmarks/record_cost.py --steps 2 --rounds 2 --out /tmp/r
 
 Random digits: a step's cost does not depend on the pixels.

@@ -35,10 +35,12 @@ import mnist_jax as mj  # noqa: E402
 from bench import cpu_model, device_slug  # noqa: E402  (this folder)
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.atomic import write_atomic  # noqa: E402
+from mnist_jax.data import TRAIN_EXAMPLES, training_count  # noqa: E402
 from mnist_jax.training import run_steps  # noqa: E402
 import resnet_seeds as rs  # noqa: E402  (scripts/)
 
-TRAIN_DIGITS = 54_000  # 60,000 less a validation split of 0.1, as the best recipe's runs
+# 60,000 less a validation split of 0.1 (54,000), as the best recipe's runs
+TRAIN_DIGITS = training_count(TRAIN_EXAMPLES, 0.1)
 # bncnn runs this many times --steps per timed call: a call allocates its temporaries
 # afresh, which a few of its ~10x cheaper steps would not amortise.
 CHEAP_STEPS = 10
@@ -52,7 +54,7 @@ def contenders() -> dict[str, dict[str, Any]]:
     schedule_steps = TRAIN_DIGITS // rec["batch_size"] * rec["epochs"]
     return {
         "bncnn (best recipe)": {
-            "model": run_lib.build_model(best), "tx": run_lib.build_optimizer(best, 60_000),
+            "model": run_lib.build_model(best), "tx": run_lib.build_optimizer(best, TRAIN_EXAMPLES),
             "options": run_lib.step_options(best), "batch": best.batch_size,
             "epochs": best.epochs, "call_steps": CHEAP_STEPS},
         "RecordResNet (resnet_seeds.py --net record)": {

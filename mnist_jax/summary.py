@@ -26,64 +26,80 @@ def count_params(params: Any) -> int:
 
 
 class _Layer:
-    """One traced top-level layer call: name, type, input/output shapes, params."""
+    """One traced module call: its scope path, type, input/output shapes, how many
+    variables it holds (parameters and state such as BatchNorm's statistics, its
+    submodules' included) and the shape of the ``kernel`` it owns itself, if any."""
 
-    def __init__(self, name: str, kind: str, in_shape: tuple, out_shape: tuple, n_params: int,
-                 kernel_shape: tuple | None):
-        self.name, self.kind = name, kind
+    def __init__(self, path: tuple[str, ...], kind: str, in_shape: tuple, out_shape: tuple,
+                 variables: dict[str, Any]):
+        self.path, self.name, self.kind = path, "/".join(path), kind
         self.in_shape, self.out_shape = in_shape, out_shape
-        self.n_params, self.kernel_shape = n_params, kernel_shape
+        self.n_params = sum(count_params(_subtree(v, path)) for v in variables.values())
+        kernel = _subtree(variables.get("params", {}), path).get("kernel")
+        self.kernel_shape = tuple(kernel.shape) if hasattr(kernel, "shape") else None
 
 
-def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[_Layer], Any]:
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree.get(name, {}) if isinstance(tree, dict) else {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[_Layer], dict[str, Any]]:
     """Shape-only trace of ``model`` (the "xla" variant for a CNN, so that ReLU
-    and pooling appear as layers) recording each top-level submodule call."""
+    and pooling appear as layers) recording every module call, nested ones too, in
+    call order; and the model's variables, by collection, as shapes."""
     if isinstance(model, CNN):
         model = model.clone(impl="xla")
-    calls: list[tuple[str, str, tuple, tuple]] = []
+    calls: list[tuple[tuple[str, ...], str, tuple, tuple]] = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
-        if context.method_name == "__call__" and len(mod.scope.path) == 1:
-            calls.append((mod.name, type(mod).__name__, tuple(args[0].shape), tuple(out.shape)))
+        if (context.method_name == "__call__" and args and hasattr(args[0], "shape")
+                and hasattr(out, "shape")):
+            calls.append((tuple(mod.scope.path), type(mod).__name__, tuple(args[0].shape),
+                          tuple(out.shape)))
         return out
 
     def init(x):
         with nn.intercept_methods(interceptor):
-            return model.init(jax.random.key(0), x, train=False)["params"]
+            return model.init(jax.random.key(0), x, train=False)
 
-    params = jax.eval_shape(init, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
-    layers = []
-    for name, kind, ins, outs in calls:
-        p = params.get(name, {})
-        kernel = tuple(p["kernel"].shape) if "kernel" in p else None
-        layers.append(_Layer(name, kind, ins, outs, count_params(p), kernel))
-    return layers, params
+    variables = dict(jax.eval_shape(init, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)))
+    return [_Layer(path, kind, ins, outs, variables)
+            for path, kind, ins, outs in calls], variables
 
 
 def summary(model: nn.Module, input_shape: Sequence[int] = (1, 28, 28)) -> str:
     """A Keras ``model.summary()``-style table: layer (type), output shape
-    (batch shown as ``None``) and parameter count, then the totals."""
-    layers, params = _trace(model, input_shape)
-    rule = "=" * 66
+    (batch shown as ``None``) and parameter count, then the totals. As in Keras, state
+    such as BatchNorm's moving statistics counts as non-trainable parameters."""
+    layers, variables = _trace(model, input_shape)
+    layers = [layer for layer in layers if len(layer.path) == 1]  # Keras lists the top level
+    labels = [f"{layer.name} ({layer.kind})" for layer in layers]
+    width = max([32, *(len(label) + 1 for label in labels)])
+    rule = "=" * (width + 34)
     title = f'Model: "{type(model).__name__}"'
     if isinstance(model, CNN):
         title += f" (impl={model.resolved_impl})"
-    lines = [title, f"{'Layer (type)':<32}{'Output Shape':<22}{'Param #':>12}", rule]
-    for layer in layers:
+    lines = [title, f"{'Layer (type)':<{width}}{'Output Shape':<22}{'Param #':>12}", rule]
+    for label, layer in zip(labels, layers):
         shape = "(None, " + ", ".join(str(d) for d in layer.out_shape[1:]) + ")"
-        lines.append(f"{layer.name + ' (' + layer.kind + ')':<32}{shape:<22}{layer.n_params:>12,}")
-    total = count_params(params)
-    lines += [rule, f"Total params: {total:,}", f"Trainable params: {total:,}",
-              "Non-trainable params: 0"]
+        lines.append(f"{label:<{width}}{shape:<22}{layer.n_params:>12,}")
+    trainable = count_params(variables.get("params", {}))
+    fixed = count_params({k: v for k, v in variables.items() if k != "params"})
+    lines += [rule, f"Total params: {trainable + fixed:,}", f"Trainable params: {trainable:,}",
+              f"Non-trainable params: {fixed:,}"]
     return "\n".join(lines)
 
 
 def flops_per_example(model: nn.Module, input_shape: Sequence[int] = (1, 28, 28)) -> dict[str, int]:
     """Matmul FLOPs per example, counted from the layer shapes as 2*MACs.
 
-    ``forward``: every Dense (in*out) and Conv (Ho*Wo*Cout*kh*kw*Cin) layer.
+    ``forward``: every call of a layer that owns a ``kernel`` (Dense, Conv, at any depth
+    of nested modules): output positions × kernel size, i.e. in*out for a Dense and
+    Ho*Wo*Cout*kh*kw*Cin for a Conv.
     ``train``: forward + weight gradient (same count again) + input gradient
     (same again) for every such layer except the first, whose input needs no
     gradient.  Biases, activations, pooling, dropout, loss and optimizer are
@@ -95,10 +111,7 @@ def flops_per_example(model: nn.Module, input_shape: Sequence[int] = (1, 28, 28)
     for layer in layers:
         if layer.kernel_shape is None:
             continue
-        if layer.kind == "Conv":
-            macs = math.prod(layer.out_shape[1:]) * math.prod(layer.kernel_shape[:-1])
-        else:
-            macs = math.prod(layer.out_shape[1:-1]) * math.prod(layer.kernel_shape)
+        macs = math.prod(layer.out_shape[1:-1]) * math.prod(layer.kernel_shape)
         fwd += 2 * macs
         train += (4 if first else 6) * macs
         first = False

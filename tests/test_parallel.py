@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -208,10 +209,13 @@ def test_a_killed_process_makes_the_other_fail_quickly(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_JAX_DATA_DIR"), reason="needs MNIST_JAX_DATA_DIR")
-def test_a_two_process_run_on_one_host_with_a_cold_cache_trains(tmp_path):
-    """Both processes load MNIST at once into an empty cache (one prepares, the other
-    waits on the cache's lock), then train together; process 0 writes the run."""
+def test_a_two_process_run_on_one_host_with_a_cold_cache_trains(tmp_path, mnist, data_cache_dir):
+    """Both processes load MNIST at once into a cache without it (one prepares, the other
+    waits on the cache's lock), then train together; process 0 writes the run. The cache
+    holds tfds' prepared store, hard-linked from the session's: tfds' own first preparation
+    (~45 s) on a cold cache is test_data_concurrency's subject."""
     run, cache = tmp_path / "run", tmp_path / "cold-cache"
+    shutil.copytree(data_cache_dir / "tfds", cache / "tfds", copy_function=os.link)
     cmd = [sys.executable, "-m", "mnist_jax.cli", "train", "--epochs", "1", "--hidden", "32",
            "--batch-size", "256", "--quiet", "--out", str(run)]
     procs = _two_processes(cmd, tmp_path, env={**_env(1), "MNIST_JAX_CACHE_DIR": str(cache)})

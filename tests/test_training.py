@@ -13,7 +13,7 @@ import pytest
 from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
-from mnist_jax.run import TrainingDiverged, fit, init_state
+from mnist_jax.run import TrainingDiverged, build_model, build_optimizer, fit, init_state
 from mnist_jax.training import (CURVE_POINTS, adam_hyperparams, compile_fns, create_train_state,
                                 epoch_permutation, eval_metrics, make_optimizer, stack_states,
                                 train_epoch, train_step, unstack_state)
@@ -206,6 +206,17 @@ def test_the_cnn_learns_on_a_real_subset(mnist):
     print("CNN on 3000 images, 2 epochs, test accuracy", result.test["accuracy"])
     assert result.test["accuracy"] >= 0.85
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("recipe", ["tutorial", "speedrun", "best"])
+def test_init_state_is_bitwise_the_state_xla_compiles_at_its_default_optimization(recipe):
+    """init_state compiles its one-off program at a lower LLVM optimization on the CPU (its
+    random draws compile seconds faster): the states must be the same bits as at -O3."""
+    config = TrainConfig.from_recipe(recipe, seeds=(0, 3))
+    model, tx = build_model(config), build_optimizer(config, data_lib.TRAIN_EXAMPLES)
+    default = jax.jit(lambda seed: create_train_state(model, tx, seed))
+    want = stack_states([default(np.int32(seed)) for seed in config.seeds])
+    assert leaves_equal(init_state(config, model=model, optimizer=tx), want)
 
 
 def test_init_state_stacks_one_state_per_seed_and_rate():

@@ -198,8 +198,9 @@ class TrainConfig:
             raise bad("--epochs", self.epochs, "must be at least 1")
         if self.batch_size < 1:
             raise bad("--batch-size", self.batch_size, "must be at least 1")
-        if not self.seeds or any(s < 0 for s in self.seeds):
-            raise bad("--seeds", self.seeds, "seeds must be non-negative integers")
+        if not self.seeds or any(not 0 <= s < 2**31 for s in self.seeds):
+            # a seed is a jax PRNG key's int32
+            raise bad("--seeds", self.seeds, "seeds must be integers from 0 to 2147483647")
         if len(set(self.seeds)) != len(self.seeds):
             raise bad("--seeds", self.seeds, "seeds must be distinct")
         for lr in self.learning_rates:

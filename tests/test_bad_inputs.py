@@ -418,6 +418,8 @@ CASES: list[Case] = [
     case("cli-validation-split-1", "cli", lambda c: c.train("--validation-split", "1"), 2,
          "--validation-split"),
     case("cli-seed-negative", "cli", lambda c: c.train("--seed", "-1"), 2, "--seeds"),
+    case("cli-seed-beyond-int32", "cli", lambda c: c.train("--seeds", "0,3000000000"), 2,
+         "--seeds", "2147483647"),
     case("cli-hidden-zero", "cli", lambda c: c.train("--hidden", "0"), 2, "--hidden"),
     case("cli-devices-zero", "cli", lambda c: c.train("--devices", "0"), 2, "--devices"),
     case("cli-devices-too-many", "cli", lambda c: c.train("--devices", "64"), 2, "--devices",

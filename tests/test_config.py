@@ -44,7 +44,7 @@ def test_lists_of_seeds_and_learning_rates():
     ("epochs", 0, "--epochs"), ("epochs", -3, "--epochs"), ("batch_size", 0, "--batch-size"),
     ("learning_rates", (float("nan"),), "--lr"), ("learning_rates", (-1.0,), "--lr"),
     ("model", "resnet", "--model"), ("validation_split", 1.0, "--validation-split"),
-    ("seeds", (1, 1), "--seeds"), ("devices", 0, "--devices"),
+    ("seeds", (1, 1), "--seeds"), ("seeds", (2**31,), "--seeds"), ("devices", 0, "--devices"),
     ("lr_schedule", "step", "--lr-schedule"), ("optimizer", "rmsprop", "--optimizer"),
     ("betas", (0.9,), "--betas"), ("warmup", 1.0, "--warmup"),
     ("label_smoothing", -0.1, "--label-smoothing"), ("augment", "rotation=x", "--augment"),

@@ -36,6 +36,7 @@ from bench import cpu_model, device_slug  # noqa: E402  (this folder)
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.atomic import write_atomic  # noqa: E402
 from mnist_jax.data import TRAIN_EXAMPLES, training_count  # noqa: E402
+from mnist_jax.summary import flops_per_example  # noqa: E402
 from mnist_jax.training import run_steps  # noqa: E402
 import resnet_seeds as rs  # noqa: E402  (scripts/)
 
@@ -65,15 +66,6 @@ def contenders() -> dict[str, dict[str, Any]]:
     }
 
 
-def forward_macs(model) -> float:
-    """Multiply-adds of one digit's forward pass, from XLA's cost analysis."""
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28)), train=False)
-    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-        variables, jnp.zeros((1, 28, 28))).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / 2
-
-
 def measure(steps: int, rounds: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     runs = {}
@@ -101,7 +93,7 @@ def measure(steps: int, rounds: int) -> dict[str, Any]:
         steps_per_seed = TRAIN_DIGITS // run["batch"] * run["epochs"]
         out[name] = {"batch_size": run["batch"], "epochs": run["epochs"],
                      "steps_per_call": run["steps"],
-                     "forward_macs_per_digit": forward_macs(run["model"]),
+                     "forward_macs_per_digit": flops_per_example(run["model"])["forward"] // 2,
                      "step_seconds": step_s, "step_seconds_all": run["times"],
                      "compile_seconds": run["compile_s"], "steps_per_seed": steps_per_seed,
                      "training_seconds_per_seed": step_s * steps_per_seed}

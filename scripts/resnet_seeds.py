@@ -132,7 +132,7 @@ class RecordResNet(nn.Module):
     (10 runs of 10 epochs on a GPU; see that repository), written from its description:
     Conv 5×5 → 128 + ReLU at 28×28, residual unit, pool, residual unit; then per stage
     BatchNorm, Conv 3×3 → 256 / 512 + ReLU, pool, residual unit; BatchNorm, global average
-    pooling, Dense 10. 333 M multiply-adds per digit, 33× the ``bncnn`` of the ``best``
+    pooling, Dense 10. 329 M multiply-adds per digit, 33× the ``bncnn`` of the ``best``
     recipe. Inputs standardised with MNIST's mean and std."""
 
     widths: tuple[int, ...] = (128, 256, 512)

@@ -37,7 +37,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-__all__ = ["PADDINGS", "ConvParams", "layer_config", "conv_stack"]
+__all__ = ["PADDINGS", "ConvParams", "computes_channel_major", "layer_config", "conv_stack"]
 
 PADDINGS = ("VALID", "SAME")
 """Paddings the fast path implements (a CNN with another falls back to XLA's conv)."""
@@ -347,9 +347,16 @@ def _stored_bytes(x: jax.Array, w: Sequence[tuple[int, ...]], cfg: tuple[LayerCf
     return total
 
 
+def computes_channel_major(kernel_size: int, in_channels: int) -> bool:
+    """Whether a stack whose first layer has this square kernel and input channel count
+    computes in the channel-major layout (the speedrun net's 5x5 on one channel: yes)."""
+    taps = kernel_size * kernel_size * in_channels
+    return CHANNEL_MAJOR_MIN_TAPS is not None and taps >= CHANNEL_MAJOR_MIN_TAPS
+
+
 def _channel_major(ws: Sequence[jax.Array]) -> bool:
-    kh, kw, ci, _ = ws[0].shape
-    return CHANNEL_MAJOR_MIN_TAPS is not None and kh * kw * ci >= CHANNEL_MAJOR_MIN_TAPS
+    k, _, ci, _ = ws[0].shape  # square kernels (ConvParams)
+    return computes_channel_major(k, ci)
 
 
 def _layout(channel_major: bool):

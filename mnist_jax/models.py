@@ -212,6 +212,14 @@ class CNN(nn.Module):
         """The implementation training uses: "xla" or "fast"."""
         return self.impl_for(train=True)
 
+    @property
+    def trains_channel_major(self) -> bool:
+        """Whether training computes the conv stack in the fast implementation's
+        channel-major layout (:func:`mnist_jax.fastconv.computes_channel_major`; MNIST's
+        one-channel images)."""
+        return (self.resolved_impl == "fast"
+                and fastconv.computes_channel_major(self._kernel_sizes()[0], 1))
+
     def impl_for(self, train: bool) -> str:
         """The implementation a call with this ``train`` flag uses: "xla" or "fast"."""
         impl = self.impl

@@ -25,8 +25,8 @@ from mnist_jax.errors import MnistJaxError, UsageError
 from mnist_jax.rundir import CURVE_SUFFIX
 from mnist_jax.augment import AugmentSpec
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
-                                create_train_state, exposes_learning_rate, make_optimizer,
-                                stack_states, to_host)
+                                create_train_state, exposes_learning_rate, loop_emitter_options,
+                                make_optimizer, stack_states, to_host)
 
 
 class TrainingDiverged(MnistJaxError):
@@ -131,12 +131,22 @@ def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLE
     return states[0] if len(states) == 1 else stack_states(states)
 
 
-def _init_compile_options() -> dict[str, int] | None:
+def _init_compile_options() -> dict[str, Any] | None:
     """XLA options for the initialisation program. It runs once, and on the CPU LLVM's -O3
     spends seconds on its random draws (the smallcnn's: 3.9 s at -O3, 1.5 s at -O2; a
-    conv + BatchNorm user net's 7.8 s and 1.3 s) for no gain; -O2 gives the same bits
-    (checked for the recipes' models by tests/test_training.py)."""
-    return {"xla_backend_optimization_level": 2} if jax.default_backend() == "cpu" else None
+    conv + BatchNorm user net's 7.8 s and 1.3 s) for no gain, and the loop emitters
+    (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`) halve what is left; both give the same
+    bits (checked for the recipes' models by tests/test_training.py)."""
+    loop = loop_emitter_options()
+    return None if loop is None else {"xla_backend_optimization_level": 2, **loop}
+
+
+def epoch_loop_emitters(state: TrainState) -> bool:
+    """Whether the training epoch of ``state``'s model compiles with XLA:CPU's loop emitters
+    (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`): for a :class:`~mnist_jax.models.CNN`
+    whose fast conv stack computes channel-major (the speedrun's smallcnn)."""
+    model = getattr(state.apply_fn, "__self__", None)
+    return isinstance(model, models.CNN) and model.trains_channel_major
 
 
 def _split(dataset: data_lib.Dataset, config: TrainConfig):
@@ -168,6 +178,13 @@ MEMORY_LIMIT_ENV = "MNIST_JAX_MEMORY_LIMIT_BYTES"
 # One set of jitted functions per (batch size, models, sharding): the program compiled by
 # check_training_fits is then the one fit runs (no second compilation).
 _compiled_fns = functools.lru_cache(maxsize=8)(compile_fns)
+
+
+def _run_fns(config: TrainConfig, mesh, options: StepOptions, state: TrainState) -> CompiledFns:
+    """The jitted functions that train and evaluate ``state`` as ``config`` says."""
+    return _compiled_fns(config.batch_size, config.num_models,
+                         parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
+                         None, options, epoch_loop_emitters(state))
 
 
 def available_memory(device=None) -> tuple[int | None, str]:
@@ -226,9 +243,7 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     rep = parallel.replicated(mesh)
     state = parallel.replicate(state if state is not None
                                else init_state(config, len(dataset.train_labels)), mesh)
-    fns = _compiled_fns(config.batch_size, config.num_models,
-                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
-                        None, options)
+    fns = _run_fns(config, mesh, options, state)
     x = jax.ShapeDtypeStruct(tx.shape, np.uint8, sharding=rep)
     y = jax.ShapeDtypeStruct(ty.shape, np.int32, sharding=rep)
     t = time.perf_counter()
@@ -295,9 +310,7 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     if state is None:
         state = init_state(config, len(dataset.train_labels), model=model, optimizer=optimizer)
     state = parallel.replicate(state, mesh)
-    fns = _compiled_fns(config.batch_size, config.num_models,
-                        parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
-                        None, options)
+    fns = _run_fns(config, mesh, options, state)
     if jax.process_count() > 1:  # same program, batches assembled from every process
         epoch_fn = parallel.ProcessLocalEpoch(mesh, config.batch_size, config.num_models,
                                               options)
@@ -390,7 +403,8 @@ def predict(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np
     (for a stacked state: ``mnist_jax.unstack_state(state, i)``)."""
     from mnist_jax.training import predict_probs
     _check_single(state)
-    return np.asarray(jax.jit(predict_probs, static_argnums=2)(state, jnp.asarray(images), batch_size))
+    fn = jax.jit(predict_probs, static_argnums=2, compiler_options=loop_emitter_options())
+    return np.asarray(fn(state, jnp.asarray(images), batch_size))
 
 
 def predict_classes(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
@@ -408,8 +422,8 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray,
     """
     from mnist_jax.training import eval_metrics
     _check_single(state)
-    m = jax.jit(eval_metrics, static_argnums=3)(state, jnp.asarray(images),
-                                                jnp.asarray(labels, jnp.int32), batch_size)
+    fn = jax.jit(eval_metrics, static_argnums=3, compiler_options=loop_emitter_options())
+    m = fn(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), batch_size)
     return {k: float(v) for k, v in m.items()}
 
 

@@ -390,12 +390,28 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
     raise ValueError(f"model_axis must be 'vmap' or 'map', got {model_axis!r}")
 
 
+CPU_LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
+"""XLA:CPU's older loop emitters instead of its MLIR fusion emitters. They compile a
+program in 40-70% of the time and gave the same bits for every program checked
+(tests/test_training.py), but run elementwise-heavy steps slower (the MLP's epoch: 45%
+slower). So they compile a run's one-off programs (initialisation, evaluation, prediction)
+and, of the training epochs, only the channel-major conv stack's (the speedrun's smallcnn:
+~8% faster steps, 2 s less compilation)."""
+
+
+def loop_emitter_options(platform: str | None = None) -> dict[str, Any] | None:
+    """:data:`CPU_LOOP_EMITTERS` on the CPU backend (or ``platform``), else None."""
+    return dict(CPU_LOOP_EMITTERS) if (platform or jax.default_backend()) == "cpu" else None
+
+
 def compile_fns(batch_size: int, num_models: int,
                 batch_sharding: NamedSharding | None = None,
                 model_axis: str | None = None,
-                options: StepOptions = StepOptions()) -> CompiledFns:
+                options: StepOptions = StepOptions(),
+                epoch_loop_emitters: bool = False) -> CompiledFns:
     """jit the pure functions; over the model axis when ``num_models > 1``, as
-    ``model_axis`` says (default: :func:`default_model_axis`)."""
+    ``model_axis`` says (default: :func:`default_model_axis`). Evaluation and prediction
+    compile with :func:`loop_emitter_options`, the epoch too if ``epoch_loop_emitters``."""
     epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding,
                               options=options)
     evaluate, predict = eval_metrics, predict_probs
@@ -404,7 +420,10 @@ def compile_fns(batch_size: int, num_models: int,
         epoch = over_models(epoch, 2, axis)
         evaluate = over_models(evaluate, 2, axis)
         predict = over_models(predict, 1, axis)
-    return CompiledFns(jax.jit(epoch), jax.jit(evaluate), jax.jit(predict))
+    one_off = loop_emitter_options()
+    return CompiledFns(jax.jit(epoch, compiler_options=one_off if epoch_loop_emitters else None),
+                       jax.jit(evaluate, compiler_options=one_off),
+                       jax.jit(predict, compiler_options=one_off))
 
 
 def to_host(tree: Any) -> Any:

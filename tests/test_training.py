@@ -13,10 +13,11 @@ import pytest
 from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
-from mnist_jax.run import TrainingDiverged, build_model, build_optimizer, fit, init_state
+from mnist_jax.run import (TrainingDiverged, build_model, build_optimizer, epoch_loop_emitters, fit,
+                           init_state)
 from mnist_jax.training import (CURVE_POINTS, adam_hyperparams, compile_fns, create_train_state,
-                                epoch_permutation, eval_metrics, make_optimizer, stack_states,
-                                train_epoch, train_step, unstack_state)
+                                epoch_permutation, eval_metrics, make_optimizer, predict_probs,
+                                stack_states, train_epoch, train_step, unstack_state)
 
 
 def synthetic(n: int = 512, seed: int = 0) -> data_lib.Dataset:
@@ -209,14 +210,46 @@ def test_the_cnn_learns_on_a_real_subset(mnist):
 
 
 @pytest.mark.parametrize("recipe", ["tutorial", "speedrun", "best"])
-def test_init_state_is_bitwise_the_state_xla_compiles_at_its_default_optimization(recipe):
-    """init_state compiles its one-off program at a lower LLVM optimization on the CPU (its
-    random draws compile seconds faster): the states must be the same bits as at -O3."""
+def test_init_state_is_bitwise_the_state_xla_compiles_with_its_default_settings(recipe):
+    """init_state compiles its one-off program at a lower LLVM optimization and with the
+    loop emitters on the CPU (its random draws compile seconds faster): the states must be
+    the same bits as with XLA's defaults (-O3, fusion emitters)."""
     config = TrainConfig.from_recipe(recipe, seeds=(0, 3))
     model, tx = build_model(config), build_optimizer(config, data_lib.TRAIN_EXAMPLES)
     default = jax.jit(lambda seed: create_train_state(model, tx, seed))
     want = stack_states([default(np.int32(seed)) for seed in config.seeds])
     assert leaves_equal(init_state(config, model=model, optimizer=tx), want)
+
+
+@pytest.mark.parametrize("recipe", ["tutorial", "keras-cnn", "speedrun", "best"])
+def test_evaluation_and_prediction_compiled_with_loop_emitters_are_bitwise_xlas_defaults(recipe):
+    """The run's evaluation and prediction programs compile with XLA:CPU's loop emitters
+    (faster to compile): they must give the same bits as with its default emitters."""
+    state = init_state(TrainConfig.from_recipe(recipe))
+    ds = synthetic(256)
+    x, y = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+    fns = compile_fns(128, 1)
+    assert leaves_equal(fns.evaluate(state, x, y), jax.jit(eval_metrics)(state, x, y))
+    assert np.array_equal(fns.predict(state, x), jax.jit(predict_probs)(state, x))
+
+
+@pytest.mark.parametrize("recipe, loop", [("tutorial", False), ("keras-cnn", False),
+                                          ("speedrun", True), ("best", False)])
+def test_only_the_channel_major_conv_stack_trains_with_loop_emitters(recipe, loop):
+    """The loop emitters run the MLP's epoch 45% slower and give bncnn's other bits: only
+    the speedrun's channel-major conv stack, which they run faster, trains with them."""
+    assert epoch_loop_emitters(init_state(TrainConfig.from_recipe(recipe))) is loop
+
+
+def test_the_speedrun_epoch_compiled_with_loop_emitters_is_bitwise_xlas_default():
+    config = TrainConfig.from_recipe("speedrun")
+    state = init_state(config)
+    ds = synthetic(4 * config.batch_size + 128)
+    x, y = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+    loop = compile_fns(config.batch_size, 1, epoch_loop_emitters=True).train_epoch
+    default = compile_fns(config.batch_size, 1).train_epoch
+    assert loop.lower(state, x, y).compile().as_text() != default.lower(state, x, y).compile().as_text()
+    assert leaves_equal(loop(state, x, y), default(state, x, y))
 
 
 def test_init_state_stacks_one_state_per_seed_and_rate():

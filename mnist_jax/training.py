@@ -393,7 +393,7 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
 CPU_LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 """XLA:CPU's older loop emitters instead of its MLIR fusion emitters. They compile a
 program in 40-70% of the time and gave the same bits for every program checked
-(tests/test_training.py), but run elementwise-heavy steps slower (the MLP's epoch: 45%
+(tests/test_training.py), but run elementwise-heavy steps slower (the MLP's epoch: 48%
 slower). So they compile a run's one-off programs (initialisation, evaluation, prediction)
 and, of the training epochs, only the channel-major conv stack's (the speedrun's smallcnn:
 ~8% faster steps, 2 s less compilation)."""

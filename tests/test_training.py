@@ -236,7 +236,7 @@ def test_evaluation_and_prediction_compiled_with_loop_emitters_are_bitwise_xlas_
 @pytest.mark.parametrize("recipe, loop", [("tutorial", False), ("keras-cnn", False),
                                           ("speedrun", True), ("best", False)])
 def test_only_the_channel_major_conv_stack_trains_with_loop_emitters(recipe, loop):
-    """The loop emitters run the MLP's epoch 45% slower and give bncnn's other bits: only
+    """The loop emitters run the MLP's epoch 48% slower and give bncnn's other bits: only
     the speedrun's channel-major conv stack, which they run faster, trains with them."""
     assert epoch_loop_emitters(init_state(TrainConfig.from_recipe(recipe))) is loop
 

@@ -7,14 +7,16 @@ stderr and exit code 1 (data) or 2 (usage) — never a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -416,9 +418,10 @@ def _quiet_unraisable(previous):
     return hook
 
 
-def console() -> int:
+def console() -> NoReturn:
     """The console script: :func:`main`, with the quiet hooks kept until the process exits
-    and XLA's compilation cache in the cache folder (:mod:`mnist_jax.xla_cache`).
+    and XLA's compilation cache in the cache folder (:mod:`mnist_jax.xla_cache`), then
+    :func:`exit_now` with its exit code.
 
     Reads that a failed checkpoint restore abandoned can complete after ``main``
     returns, while the interpreter shuts down; in a process of our own the hooks
@@ -429,8 +432,30 @@ def console() -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     from mnist_jax.xla_cache import enable_compilation_cache
     enable_compilation_cache()  # this process's own setting: main() may run inside a user's
-    return main()
+    exit_now(main())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process as the interpreter would, less its teardown of every object.
+
+    What a normal exit does that anyone can see is kept, in its order: other (non-daemon)
+    threads are joined, the ``atexit`` handlers run (log and TensorBoard flushes, JAX's
+    pending effects, temporary folders), the standard streams are flushed. What is
+    skipped is the interpreter freeing its modules and XLA's client one object at a
+    time: after a training run on the 2-core CPU that took 0.7-0.9 s and writes nothing.
+    Every file of a command is complete and closed before ``main`` returns.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what Py_Finalize runs first; the rest is the teardown skipped
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(console())
+    console()

@@ -99,6 +99,30 @@ def test_usage_errors_are_one_line_and_exit_2():
 
 
 
+_EXIT_CHILD = """
+import atexit, sys, threading, time
+from mnist_jax.cli import exit_now
+atexit.register(lambda: print("atexit ran"))
+def late():
+    time.sleep(0.3)
+    open(sys.argv[1], "w").write("written")
+threading.Thread(target=late).start()
+print("unflushed", end=" ")
+exit_now(3)
+"""
+
+
+def test_the_console_script_ends_as_the_interpreter_would(tmp_path):
+    """``exit_now`` (the console script's end) skips only the teardown: the exit code, a
+    running thread's file, the atexit handlers and unflushed output all arrive."""
+    late = tmp_path / "late.txt"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(late)], stdout=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert proc.returncode == 3
+    assert late.read_text() == "written"
+    assert proc.stdout == "unflushed atexit ran\n"
+
+
 @pytest.mark.realdata
 def test_a_log_gets_one_plain_line_per_epoch_and_evaluate_shows_keras_loss(env, tmp_path):
     """stderr that is no terminal (CI, ``> log``, nohup): Keras' verbose=2 lines, no bar

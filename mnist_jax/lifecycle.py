@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,8 +127,8 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     from mnist_jax.summary import summary as model_summary
     from mnist_jax.checkpoint import Checkpointer, save_params
     from mnist_jax.progress import EpochProgress
-    from mnist_jax.run import (TrainingDiverged, build_model, check_training_fits,
-                               device_description, fit, init_state, predict, step_options,
+    from mnist_jax.run import (StateInit, TrainingDiverged, build_model, check_training_fits,
+                               device_description, fit, predict, step_options,
                                summarize_models)
     from mnist_jax.training import unstack_state
 
@@ -146,12 +147,17 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
         dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     log(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
         f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
-    log(model_summary(model))
-    fresh = init_state(config, len(dataset.train_labels), model=model, optimizer=optimizer)
+    init = StateInit(config, len(dataset.train_labels), model=model, optimizer=optimizer)
     options = step_options(config, loss)
     # Batch size vs data and devices, memory: still before the run folder is touched
-    # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs.
-    fits = check_training_fits(config, dataset, fresh, options)
+    # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs,
+    # from the state's shapes, in a thread while this one makes the state (XLA compiles
+    # without the GIL: the two overlap on a CPU's cores).
+    with ThreadPoolExecutor(1, thread_name_prefix="mnist-jax-compile") as pool:
+        fits = pool.submit(check_training_fits, config, dataset, init.shapes(), options)
+        log(model_summary(model))
+        fresh = init()
+        fits = fits.result()
     run = (RunDir.for_training(out, resume=resume, overwrite=overwrite) if primary
            else _FollowerRun(out))  # only process 0 writes the run folder
 

@@ -105,6 +105,44 @@ def step_options(config: TrainConfig, loss: Callable | None = None) -> StepOptio
                        augment=spec if spec.enabled else None)
 
 
+class StateInit:
+    """How the fresh train state(s) of ``config`` are made: their shapes at once
+    (:meth:`shapes`, nothing computed), the arrays when called. One per run, so that
+    the shapes and the arrays share one model and one optimizer object: a program
+    compiled for the shapes then runs the arrays. Arguments as :func:`init_state`.
+    """
+
+    def __init__(self, config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES, *,
+                 model=None, optimizer=None):
+        model = model if model is not None else build_model(config)
+        tx = optimizer if optimizer is not None else build_optimizer(config, train_examples)
+        set_lr = optimizer is None or len(config.learning_rates) > 1
+        if optimizer is not None and set_lr and not exposes_learning_rate(optimizer):
+            raise UsageError("--lr sweep: the optimizer does not expose its learning rate; "
+                             "build it with optax.inject_hyperparams(...)(learning_rate=...)")
+        # Seed and rate are traced, so every model of a sweep reuses one program.
+        self._grid = [(np.int32(m["seed"]), np.float32(m["lr"])) for m in config.model_grid()]
+        self._create = jax.jit(
+            lambda seed, lr: create_train_state(model, tx, seed, lr if set_lr else None))
+
+    def shapes(self) -> TrainState:
+        """The state's structure with ``jax.ShapeDtypeStruct`` leaves (stacked when several)."""
+        one = jax.eval_shape(self._create, *self._grid[0])
+        if len(self._grid) == 1:
+            return one
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(self._grid), *a.shape), a.dtype),
+                            one)
+
+    def __call__(self) -> TrainState:
+        # One compiled program, not op by op: eager initialisation dispatches hundreds of
+        # small ops (~5 s for the MLP, ~12 s for the CNN on CPU). Every leaf comes out a
+        # device array (step: int32).
+        create = self._create.lower(*self._grid[0]).compile(
+            compiler_options=_init_compile_options())
+        states = [create(seed, lr) for seed, lr in self._grid]
+        return states[0] if len(states) == 1 else stack_states(states)
+
+
 def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES, *,
                model=None, optimizer=None) -> TrainState:
     """Fresh train state(s): one per (seed, learning rate), stacked when several.
@@ -115,20 +153,7 @@ def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLE
     it was built. ``train_examples`` (the training set before the validation split) sets
     the length of a scheduled learning rate.
     """
-    model = model if model is not None else build_model(config)
-    tx = optimizer if optimizer is not None else build_optimizer(config, train_examples)
-    set_lr = optimizer is None or len(config.learning_rates) > 1
-    if optimizer is not None and set_lr and not exposes_learning_rate(optimizer):
-        raise UsageError("--lr sweep: the optimizer does not expose its learning rate; "
-                         "build it with optax.inject_hyperparams(...)(learning_rate=...)")
-    # One compiled program, not op by op: eager initialisation dispatches hundreds of small
-    # ops (~5 s for the MLP, ~12 s for the CNN on CPU); seed and rate are traced, so every
-    # model of a sweep reuses it. Every leaf comes out a device array (step: int32).
-    grid = [(np.int32(m["seed"]), np.float32(m["lr"])) for m in config.model_grid()]
-    create = jax.jit(lambda seed, lr: create_train_state(model, tx, seed, lr if set_lr else None))
-    create = create.lower(*grid[0]).compile(compiler_options=_init_compile_options())
-    states = [create(seed, lr) for seed, lr in grid]
-    return states[0] if len(states) == 1 else stack_states(states)
+    return StateInit(config, train_examples, model=model, optimizer=optimizer)()
 
 
 def _init_compile_options() -> dict[str, Any] | None:
@@ -227,9 +252,11 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     memory the compiled epoch program needs (XLA's ``memory_analysis()``: arguments —
     train state and data —, outputs and temporaries such as the activations of a batch,
     plus the test/validation arrays) against :func:`available_memory`. Raises UsageError
-    stating needed and available bytes. Compiling here costs nothing extra: ``fit`` with
-    the same ``state`` (and step ``options``) reuses the program. Returns ``{"needed_bytes",
-    "available_bytes", "memory_source", "compile_seconds"}``.
+    stating needed and available bytes. ``state`` may be the arrays or only their shapes
+    (:meth:`StateInit.shapes`: the program compiles while the arrays are made). Compiling
+    here costs nothing extra: ``fit`` with that state (and step ``options``) reuses the
+    program. Returns ``{"needed_bytes", "available_bytes", "memory_source",
+    "compile_seconds"}``.
     """
     config = config.validate()
     options = options if options is not None else step_options(config)
@@ -241,8 +268,11 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     if jax.process_count() > 1:  # each process feeds its part of the batch: not estimated
         return info
     rep = parallel.replicated(mesh)
-    state = parallel.replicate(state if state is not None
-                               else init_state(config, len(dataset.train_labels)), mesh)
+    if state is None:
+        state = StateInit(config, len(dataset.train_labels)).shapes()
+    # the shapes are all the compiler needs: fit's replicated arrays match them
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=rep, weak_type=getattr(a, "weak_type", False)), state)
     fns = _run_fns(config, mesh, options, state)
     x = jax.ShapeDtypeStruct(tx.shape, np.uint8, sharding=rep)
     y = jax.ShapeDtypeStruct(ty.shape, np.int32, sharding=rep)

@@ -386,7 +386,11 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
     if model_axis == "vmap":
         return jax.vmap(fn, in_axes=(0,) + (None,) * n_shared)
     if model_axis == "map":
-        return lambda state, *shared: jax.lax.map(lambda s: fn(s, *shared), state)
+        def over(state, *shared):
+            return jax.lax.map(lambda s: fn(s, *shared), state)
+        # named as ``fn`` (not "<lambda>") in compile logs, events and profiles
+        over.__name__ = over.__qualname__ = getattr(fn, "__name__", None) or fn.func.__name__
+        return over
     raise ValueError(f"model_axis must be 'vmap' or 'map', got {model_axis!r}")
 
 

@@ -13,8 +13,8 @@ import pytest
 from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
-from mnist_jax.run import (TrainingDiverged, build_model, build_optimizer, epoch_loop_emitters, fit,
-                           init_state)
+from mnist_jax.run import (StateInit, TrainingDiverged, build_model, build_optimizer,
+                           check_training_fits, epoch_loop_emitters, fit, init_state)
 from mnist_jax.training import (CURVE_POINTS, adam_hyperparams, compile_fns, create_train_state,
                                 epoch_permutation, eval_metrics, make_optimizer, predict_probs,
                                 stack_states, train_epoch, train_step, unstack_state)
@@ -251,6 +251,32 @@ def test_the_speedrun_epoch_compiled_with_loop_emitters_is_bitwise_xlas_default(
     programs = [fn.lower(state, x, y).compile().as_text() for fn in (loop, default)]
     assert programs[0] != programs[1]  # the option took effect
     assert leaves_equal(loop(state, x, y), default(state, x, y))
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_fit_runs_the_epoch_compiled_from_the_state_shapes(seeds):
+    """A training run compiles its epoch from StateInit.shapes() while the arrays are made
+    (check_training_fits, in a thread): the shapes are the arrays', and fit with those
+    arrays does not compile the epoch a second time."""
+    config = dataclasses.replace(SMALL, epochs=1, seeds=seeds, hidden=(24,))
+    ds = synthetic()
+    init = StateInit(config, len(ds.train_labels))
+    shapes = init.shapes()
+    check_training_fits(config, ds, shapes)
+    state = init()
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
+            == jax.tree.map(lambda a: (a.shape, a.dtype), state))
+    compiled = []
+    def listener(event, seconds, fun_name=""):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fit(config, ds, state=state)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "jit(eval_metrics)" in compiled  # what is compiled is seen
+    assert not [name for name in compiled if "train_epoch" in name]
 
 
 def test_init_state_stacks_one_state_per_seed_and_rate():

@@ -311,7 +311,7 @@ def _layer_bwd_cm(x, w, cfg: LayerCfg, aux, g, need_dx: bool = True, pool_major:
         cols = _cols_cm(xp, kh, kw)
     dz2 = dz.reshape(co, -1)
     dw = lax.dot_general(cols, dz2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    if pool and pool_major:  # at the pooled resolution: a second p*p-plane select costs
+    if pool:  # at the pooled resolution: XLA would fuse the p*p-plane select in again
         db = jnp.where(aux < pool * pool, g, 0).sum(axis=(1, 2, 3), dtype=jnp.float32)
     else:
         db = dz2.sum(axis=1, dtype=jnp.float32)

@@ -389,7 +389,9 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
         def over(state, *shared):
             return jax.lax.map(lambda s: fn(s, *shared), state)
         # named as ``fn`` (not "<lambda>") in compile logs, events and profiles
-        over.__name__ = over.__qualname__ = getattr(fn, "__name__", None) or fn.func.__name__
+        over.__name__ = over.__qualname__ = (getattr(fn, "__name__", None)
+                                             or getattr(getattr(fn, "func", None), "__name__",
+                                                        "over_models"))
         return over
     raise ValueError(f"model_axis must be 'vmap' or 'map', got {model_axis!r}")
 

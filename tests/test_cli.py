@@ -101,20 +101,23 @@ def test_usage_errors_are_one_line_and_exit_2():
 
 _EXIT_CHILD = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from mnist_jax.cli import exit_now
 atexit.register(lambda: print("atexit ran"))
 def late():
     time.sleep(0.3)
     open(sys.argv[1], "w").write("written")
 threading.Thread(target=late).start()
-print("unflushed", end=" ")
+pool = ThreadPoolExecutor(2)  # left open: its idle workers must not hold the exit
+print(pool.submit(lambda: "unflushed").result(), end=" ")
 exit_now(3)
 """
 
 
 def test_the_console_script_ends_as_the_interpreter_would(tmp_path):
     """``exit_now`` (the console script's end) skips only the teardown: the exit code, a
-    running thread's file, the atexit handlers and unflushed output all arrive."""
+    running thread's file, the atexit handlers and unflushed output all arrive, and an
+    executor left open does not hang it."""
     late = tmp_path / "late.txt"
     proc = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(late)], stdout=subprocess.PIPE,
                           text=True, timeout=120)

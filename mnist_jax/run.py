@@ -127,18 +127,17 @@ class StateInit:
 
     def shapes(self) -> TrainState:
         """The state's structure with ``jax.ShapeDtypeStruct`` leaves (stacked when several)."""
-        one = jax.eval_shape(self._create, *self._grid[0])
-        if len(self._grid) == 1:
-            return one
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(self._grid), *a.shape), a.dtype),
-                            one)
+        return jax.eval_shape(lambda: self._made(self._create))
 
     def __call__(self) -> TrainState:
         # One compiled program, not op by op: eager initialisation dispatches hundreds of
         # small ops (~5 s for the MLP, ~12 s for the CNN on CPU). Every leaf comes out a
         # device array (step: int32).
-        create = self._create.lower(*self._grid[0]).compile(
-            compiler_options=_init_compile_options())
+        return self._made(self._create.lower(*self._grid[0]).compile(
+            compiler_options=_init_compile_options()))
+
+    def _made(self, create: Callable) -> TrainState:
+        """One state per (seed, rate) from ``create``, stacked when several."""
         states = [create(seed, lr) for seed, lr in self._grid]
         return states[0] if len(states) == 1 else stack_states(states)
 

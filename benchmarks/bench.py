@@ -222,6 +222,34 @@ def device_slug(platform_name: str, kind: str, count: int, cores: int | None = N
     return f"{platform_name}-{_slug(kind)}" + (f"-x{count}" if count > 1 else "")
 
 
+def script_header(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The fields a benchmark script's results file starts with: this device's slug (see
+    :func:`device_slug`), the CPU, platform, jax version, date, and the command as run
+    (``argv``: the script's arguments; None: ``sys.argv``'s)."""
+    import jax
+    dev = jax.devices()[0]
+    args = argv if argv is not None else sys.argv[1:]
+    return {"device": device_slug(dev.platform, cpu_model() if dev.platform == "cpu"
+                                  else dev.device_kind, 1),
+            "cpu": cpu_model(), "platform": platform.platform(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": f"python benchmarks/{script}" + "".join(f" {a}" for a in args)}
+
+
+def write_result_files(out_dir: str | os.PathLike[str], name: str, results: dict[str, Any],
+                       markdown: str) -> Path:
+    """Write ``<name>-<device>.json`` and ``.md`` atomically under ``out_dir``, print the
+    markdown and where they went; return the common stem."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{results['device']}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
+    write_atomic(stem.with_suffix(".md"), markdown, durable=False)
+    print(markdown)
+    print(f"written: {stem}.json, {stem}.md")
+    return stem
+
+
 def amx_report(flags: set[str]) -> dict[str, Any]:
     amx = sorted(f for f in flags if f.startswith("amx"))
     bf16 = sorted(f for f in flags if "bf16" in f)

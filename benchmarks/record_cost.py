@@ -16,8 +16,6 @@ Random digits: a step's cost does not depend on the pixels.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -32,9 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mnist_jax as mj  # noqa: E402
-from bench import cpu_model, device_slug  # noqa: E402  (this folder)
+from bench import script_header, write_result_files  # noqa: E402  (this folder)
 from mnist_jax import run as run_lib  # noqa: E402
-from mnist_jax.atomic import write_atomic  # noqa: E402
 from mnist_jax.data import TRAIN_EXAMPLES, training_count  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
 from mnist_jax.training import run_steps  # noqa: E402
@@ -126,27 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         p.error("--steps and --rounds must be at least 1")
-    dev = jax.devices()[0]
     models = measure(args.steps, args.rounds)
     names = list(models)
     results = {
-        "device": device_slug(dev.platform, cpu_model() if dev.platform == "cpu"
-                              else dev.device_kind, 1),
-        "cpu": cpu_model(), "platform": platform.platform(), "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "rounds": args.rounds,
-        "command": "python benchmarks/record_cost.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        **script_header("record_cost.py", argv), "steps": args.steps, "rounds": args.rounds,
         "models": models,
         "ratio_per_seed": (models[names[1]]["training_seconds_per_seed"]
                            / models[names[0]]["training_seconds_per_seed"]),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"record-cost-{results['device']}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
-    write_atomic(stem.with_suffix(".md"), format_markdown(results), durable=False)
-    print(format_markdown(results))
-    print(f"written: {stem}.json, {stem}.md")
+    write_result_files(args.out, "record-cost", results, format_markdown(results))
     return 0
 
 

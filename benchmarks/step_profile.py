@@ -31,7 +31,6 @@ import collections
 import gzip
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -50,9 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mnist_jax as mj  # noqa: E402
-from bench import cpu_model, device_slug, matmul_ceiling  # noqa: E402  (this folder)
+from bench import matmul_ceiling, script_header, write_result_files  # noqa: E402  (this folder)
 from mnist_jax import run as run_lib  # noqa: E402
-from mnist_jax.atomic import write_atomic  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
 from mnist_jax.training import loop_emitter_options, run_steps  # noqa: E402
 
@@ -234,28 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in args.recipes if r not in mj.RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; choose from {list(mj.RECIPES)}")
-    dev = jax.devices()[0]
     recipes = [profile_recipe(r, args.steps, args.rounds) for r in args.recipes]
     ceiling = matmul_ceiling(2048, 10)
     cores = len(os.sched_getaffinity(0))
     for r in recipes:
         r["derived"] = derived(r, ceiling["fp32_gflops"], cores)
-    results = {
-        "device": device_slug(dev.platform, cpu_model() if dev.platform == "cpu"
-                              else dev.device_kind, 1),
-        "cpu": cpu_model(), "cores": cores, "platform": platform.platform(),
-        "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "ceiling": ceiling,
-        "command": "python benchmarks/step_profile.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-        "recipes": recipes,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"step-profile-{results['device']}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
-    write_atomic(stem.with_suffix(".md"), format_markdown(results), durable=False)
-    print(format_markdown(results))
-    print(f"written: {stem}.json, {stem}.md")
+    results = {**script_header("step_profile.py", argv), "cores": cores, "ceiling": ceiling,
+               "recipes": recipes}
+    write_result_files(args.out, "step-profile", results, format_markdown(results))
     return 0
 
 

@@ -236,6 +236,21 @@ def script_header(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
             "command": f"python benchmarks/{script}" + "".join(f" {a}" for a in args)}
 
 
+def parse_timing_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, *, steps: int,
+                      steps_help: str, rounds: int, rounds_help: str) -> argparse.Namespace:
+    """Add a timing script's ``--steps``, ``--rounds`` and ``--out`` (the results folder,
+    default ``benchmarks/results`` of this checkout) to ``p`` and parse ``argv``; counts
+    below 1 are refused (exit 2)."""
+    p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder for the results files")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1")
+    return args
+
+
 def write_result_files(out_dir: str | os.PathLike[str], name: str, results: dict[str, Any],
                        markdown: str) -> Path:
     """Write ``<name>-<device>.json`` and ``.md`` atomically under ``out_dir``, print the

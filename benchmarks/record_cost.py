@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mnist_jax as mj  # noqa: E402
-from bench import script_header, write_result_files  # noqa: E402  (this folder)
+from bench import parse_timing_args, script_header, write_result_files  # noqa: E402
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.data import TRAIN_EXAMPLES, training_count  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
@@ -114,15 +114,10 @@ def format_markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3,
-                   help="steps per timed call of RecordResNet, 10x that of bncnn (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                   help="folder for the results files")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        p.error("--steps and --rounds must be at least 1")
+    args = parse_timing_args(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]), argv,
+        steps=3, steps_help="steps per timed call of RecordResNet, 10x that of bncnn",
+        rounds=3, rounds_help="interleaved rounds")
     models = measure(args.steps, args.rounds)
     names = list(models)
     results = {

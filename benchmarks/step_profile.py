@@ -49,7 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mnist_jax as mj  # noqa: E402
-from bench import matmul_ceiling, script_header, write_result_files  # noqa: E402  (this folder)
+from bench import (matmul_ceiling, parse_timing_args, script_header,  # noqa: E402
+                   write_result_files)
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
 from mnist_jax.training import loop_emitter_options, run_steps  # noqa: E402
@@ -222,13 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipes", nargs="*", default=["speedrun", "best"],
                    help=f"recipes to profile (default: speedrun best; any of {list(mj.RECIPES)})")
-    p.add_argument("--steps", type=int, default=8, help="steps per call (default 8)")
-    p.add_argument("--rounds", type=int, default=5, help="timed calls per recipe (default 5)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                   help="folder for the results files")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        p.error("--steps and --rounds must be at least 1")
+    args = parse_timing_args(p, argv, steps=8, steps_help="steps per call",
+                             rounds=5, rounds_help="timed calls per recipe")
     unknown = [r for r in args.recipes if r not in mj.RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; choose from {list(mj.RECIPES)}")

@@ -74,8 +74,11 @@ def test_a_real_profile_of_the_speedrun_step(tmp_path):
     assert "## `speedrun` (smallcnn, batch 256)" in md and "| matmul (library) |" in md
 
 
-def test_an_unknown_recipe_is_refused(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["fastest"], "unknown recipe(s) ['fastest']"),
+    (["speedrun", "--steps", "0"], "--steps and --rounds must be at least 1")])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        step_profile.main(["fastest"])
+        step_profile.main(argv)
     assert e.value.code == 2
-    assert "unknown recipe(s) ['fastest']" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -2,21 +2,21 @@
 
 For each recipe named (default: ``speedrun`` and ``best``), compiles the program its
 ``mnist-jax train`` epoch runs (``run_steps`` with the recipe's model, optimizer,
-augmentation and XLA options) over random digits, times it untraced (interleaved
-rounds, median), then runs it under JAX's profiler and sums, per XLA worker thread,
-the time its kernels ran. It reports:
+augmentation and XLA options) over random digits, times it (median of several calls)
+while measuring the process's CPU time, then runs it once more under JAX's profiler.
+It reports:
 
-* the wall time of a step, and how busy the worker threads were meanwhile
-  (utilisation: kernel time over threads × wall): the idle share is time the step's
-  dependency chain left a thread waiting;
-* the kernel time by kind, classified by XLA's op names (the top ops are listed too):
-  library matmuls (YNNPACK/XNNPACK/oneDNN fusions, dots, convolutions), the copies
-  that build im2col (slices, stacks, concatenations, pads), the ReLU/pool selects,
-  the scan's dynamic slices and updates, and everything else;
-* the matmuls' rate per thread (the recipe's training FLOPs,
-  :func:`mnist_jax.summary.flops_per_example`, over their kernel time) against the
-  fp32 matmul ceiling per thread (``bench.matmul_ceiling``), and the floor a step
-  would take if all its FLOPs ran at the ceiling.
+* the wall time of a step, and how busy the cores were meanwhile: process CPU time over
+  wall time × cores (a thread that spins while it waits counts as busy);
+* the floor: the step's training FLOPs (:func:`mnist_jax.summary.flops_per_example`) at
+  the fp32 matmul ceiling of all cores (``bench.matmul_ceiling``);
+* the kernel time the profiler recorded per XLA thread (each kernel's own time, less the
+  kernels it ran inline), summed by kind, classified by XLA's op names (the top ops are
+  listed too): library matmuls (YNNPACK/XNNPACK/oneDNN fusions, dots, convolutions), the
+  copies that build im2col (slices, stacks, concatenations, pads), the ReLU/pool
+  selects, the scan's dynamic slices and updates, and everything else. A library's
+  helper threads (YNNPACK's) record no events, so a matmul counts its caller's wall
+  time, and the threads' recorded time understates how busy they were.
 
     python benchmarks/step_profile.py          # benchmarks/results/step-profile-<device>.{json,md}
     python benchmarks/step_profile.py speedrun --steps 4 --rounds 2 --out /tmp/p

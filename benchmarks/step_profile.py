@@ -147,7 +147,7 @@ def profile_recipe(recipe: str, steps: int, rounds: int) -> dict[str, Any]:
     """Compile, time and profile ``steps`` steps of ``recipe``'s training program."""
     config = mj.TrainConfig.from_recipe(recipe)
     model = run_lib.build_model(config)
-    state = mj.create_train_state(model, run_lib.build_optimizer(config), config.seeds[0])
+    state = run_lib.init_state(config, model=model)  # the run's own: seed, rate, optimizer
     options = run_lib.step_options(config)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 256, (steps, config.batch_size, 28, 28), dtype=np.uint8))

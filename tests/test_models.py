@@ -15,6 +15,7 @@ import pytest
 from _model_helpers import images, n_params, param_shapes, random_params
 
 from mnist_jax import models
+from mnist_jax.augment import center_zoom
 from mnist_jax.models import BNCNN, CNN, MLP, MNIST_MEAN_STD, MODEL_NAMES, create_model
 from mnist_jax.summary import count_params, summary
 
@@ -240,3 +241,17 @@ def test_bncnn_fast_and_xla_agree_and_update_the_same_batch_statistics(full_fp32
     assert not np.allclose(outs[0][1]["batch_stats"]["bn_0"]["mean"], 0.0)
     np.testing.assert_allclose(fast.apply(variables, x, train=False),
                                xla.apply(variables, x, train=False), rtol=1e-4, atol=1e-4)
+
+
+def test_bncnn_input_zoom_enlarges_every_input_in_training_and_inference() -> None:
+    """``input_zoom`` is part of the model: the same zoomed digits in both modes."""
+    x = jnp.asarray(np.random.default_rng(2).random((4, 28, 28)), jnp.float32)
+    plain, zoomed = BNCNN(impl="xla"), BNCNN(impl="xla", input_zoom=1.12)
+    variables = plain.init(jax.random.PRNGKey(0), x, train=False)
+    np.testing.assert_allclose(zoomed.apply(variables, x, train=False),
+                               plain.apply(variables, center_zoom(x, 1.12), train=False),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(zoomed.apply(variables, x, train=False),
+                           plain.apply(variables, x, train=False), atol=1e-3)
+    with pytest.raises(ValueError, match="input_zoom"):
+        BNCNN(input_zoom=0.0)

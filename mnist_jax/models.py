@@ -289,13 +289,15 @@ class BNCNN(nn.Module):
     Flatten -> Dense -> ReLU -> BatchNorm -> Dropout -> Dense(classes)``.
 
     Defaults: Conv32, Conv32-pool, Conv64, Conv64-pool (VALID), Dense 256, dropouts
-    0.25 / 0.4; inputs standardised with MNIST's mean and std. ``input_zoom`` enlarges
-    every input about its centre first (:func:`~mnist_jax.augment.center_zoom`), in
-    training, evaluation and prediction alike: ttdoucet/mnist's 25x25 centre crop resized
-    to 28x28 is 1.12. BatchNorm follows each
+    0.25 / 0.4; inputs standardised with MNIST's mean and std. BatchNorm follows each
     conv block (after the ReLU and the pool) so that the conv -> ReLU -> pool part stays
     one :mod:`mnist_jax.fastconv` block per layer on the CPU (``impl`` as in
     :class:`CNN`). Its ``batch_stats`` collection is carried by the train state.
+
+    ``input_zoom`` enlarges every input about its centre first
+    (:func:`~mnist_jax.augment.center_zoom`), in training, evaluation and prediction
+    alike: ttdoucet/mnist's 25x25 centre crop resized to 28x28 is 1.12 (tried for the
+    ``best`` recipe on its validation split, not adopted: README, Results).
     """
 
     features: Sequence[int] = (32, 32, 64, 64)

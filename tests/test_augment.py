@@ -345,7 +345,7 @@ def test_zero_bounds_draw_identity_matrices():
 def test_gaussian_matrix_is_scipys_reflecting_gaussian_filter(size, sigma):
     g = gaussian_matrix(size, sigma)
     want = ndimage.gaussian_filter1d(np.eye(size), sigma, axis=0, mode="reflect")
-    np.testing.assert_allclose(g, want, atol=5e-6)
+    np.testing.assert_allclose(g, want, atol=1e-6)
     assert not g.flags.writeable
 
 

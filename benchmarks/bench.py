@@ -258,7 +258,8 @@ def write_result_files(out_dir: str | os.PathLike[str], name: str, results: dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name}-{results['device']}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
+    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2, default=float) + "\n",
+                 durable=False)
     write_atomic(stem.with_suffix(".md"), markdown, durable=False)
     print(markdown)
     print(f"written: {stem}.json, {stem}.md")
@@ -1215,14 +1216,7 @@ def run_speedrun(args: argparse.Namespace) -> int:
             "mean the most from a quiet machine.",
         ],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"speedrun-{device}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    write_atomic(json_path, json.dumps(results, indent=2, default=float) + "\n", durable=False)
-    write_atomic(md_path, format_speedrun_markdown(results), durable=False)
-    print(format_speedrun_markdown(results))
-    print(f"results written to {json_path} and {md_path}")
+    write_result_files(args.out, "speedrun", results, format_speedrun_markdown(results))
     return 0
 
 

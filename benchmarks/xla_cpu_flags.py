@@ -16,7 +16,6 @@ Writes ``benchmarks/results/xla-cpu-flags-<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_jax.atomic import write_atomic  # noqa: E402
-from bench import amx_report, cpu_flags, cpu_model, device_slug  # noqa: E402  (this folder)
+from bench import (amx_report, cpu_flags, cpu_model, device_slug,  # noqa: E402  (this folder)
+                   write_result_files)
 
 FLAG_SETS = {
     "baseline": "",
@@ -98,13 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[xla_cpu_flags] {name}: {flags or '(none)'}", file=sys.stderr, flush=True)
         results["runs"].append(dict({"name": name, "xla_flags": flags},
                                     **run_variants(flags, a.variants, a.rounds)))
-    text = markdown(results)
-    print(text)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"xla-cpu-flags-{results['device']}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n", durable=False)
-    write_atomic(stem.with_suffix(".md"), text, durable=False)
+    write_result_files(a.out, "xla-cpu-flags", results, markdown(results))
     return 0
 
 

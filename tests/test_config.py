@@ -91,6 +91,14 @@ def test_a_recipe_sets_every_value_and_the_flags_given_override_it():
         TrainConfig.from_recipe("fastest")
 
 
+def test_best_trains_bncnn_with_less_dropout_and_model_args_replaces_the_recipes_whole():
+    best = TrainConfig.from_recipe("best").model_kwargs()
+    assert (best["conv_dropout"], best["dense_dropout"]) == (0.1, 0.2)
+    # --model-args overrides the recipe's object as a whole, like any other flag
+    zoomed = parse("--recipe", "best", "--model-args", '{"input_zoom": 1.1}').model_kwargs()
+    assert zoomed["input_zoom"] == 1.1 and "conv_dropout" not in zoomed
+
+
 def test_config_json_records_the_recipe_and_every_resolved_value():
     saved = json.loads(json.dumps(parse("--recipe", "best", "--epochs", "2").to_dict()))
     assert saved["recipe"] == "best" and saved["epochs"] == 2

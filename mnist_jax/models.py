@@ -290,10 +290,10 @@ class BNCNN(nn.Module):
 
     Defaults: Conv32, Conv32-pool, Conv64, Conv64-pool (VALID), Dense 256, dropouts
     0.25 / 0.4 (the ``best`` recipe sets 0.1 / 0.2); inputs standardised with MNIST's mean
-    and std. BatchNorm follows each
-    conv block (after the ReLU and the pool) so that the conv -> ReLU -> pool part stays
-    one :mod:`mnist_jax.fastconv` block per layer on the CPU (``impl`` as in
-    :class:`CNN`). Its ``batch_stats`` collection is carried by the train state.
+    and std. BatchNorm follows each conv block (after the ReLU and the pool) so that the
+    conv -> ReLU -> pool part stays one :mod:`mnist_jax.fastconv` block per layer on the
+    CPU (``impl`` as in :class:`CNN`). Its ``batch_stats`` collection is carried by the
+    train state.
 
     ``input_zoom`` enlarges every input about its centre first
     (:func:`~mnist_jax.augment.center_zoom`), in training, evaluation and prediction

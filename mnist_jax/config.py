@@ -51,6 +51,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 fields to values over :class:`TrainConfig`'s defaults (which are ``tutorial``)."""
 
 
+def _merge_json(base: str, over: str | None) -> str | None:
+    """``over``'s keys over ``base``'s, both JSON objects; ``over`` as given if it is not
+    one, so that validation names the user's own text."""
+    try:
+        theirs = json.loads(over) if over is not None else None
+    except json.JSONDecodeError:
+        return over
+    if not isinstance(theirs, dict):
+        return over
+    return json.dumps({**json.loads(base), **theirs})
+
+
 def _field(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
            aliases: tuple[str, ...] = ()) -> Any:
     meta = {"help": help, "flag": flag, "choices": choices, "aliases": aliases}
@@ -133,10 +145,21 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, name: str = "tutorial", **overrides: Any) -> "TrainConfig":
-        """The named recipe (:data:`RECIPES`) with ``overrides`` on top, validated."""
+        """The named recipe (:data:`RECIPES`) with ``overrides`` on top, validated.
+
+        ``model_args`` merges key by key (the override's keys win) while the model stays the
+        recipe's; another ``model`` drops the recipe's ``model_args``, which were its model's.
+        """
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[name], "recipe": name, **overrides}).validate()
+        recipe = dict(RECIPES[name])
+        own_model = recipe.get("model", cls.model)
+        if overrides.get("model", own_model) != own_model:
+            recipe.pop("model_args", None)  # the recipe's model arguments are its model's
+        if "model_args" in recipe and "model_args" in overrides:
+            overrides = {**overrides,
+                         "model_args": _merge_json(recipe["model_args"], overrides["model_args"])}
+        return cls(**{**recipe, "recipe": name, **overrides}).validate()
 
     @property
     def is_builtin_model(self) -> bool:

@@ -12,6 +12,7 @@ TensorBoard events and progress after every epoch, stop cleanly on Ctrl-C, and w
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -82,6 +83,8 @@ def check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
     """A resumed run must train the same thing; only the epoch count may grow (unless a
     scheduled learning rate, which spans the planned epochs, is used)."""
     a, b = saved.to_dict(), config.to_dict()
+    for d in (a, b):  # the same JSON object, however spaced or ordered
+        d["model_args"] = json.loads(d["model_args"] or "{}")
     ignore = {"epochs", "data_dir", "checkpoint_every", "keep_checkpoints", "devices", "recipe"}
     if b.get("lr_schedule", "constant") != "constant":  # the schedule spans the whole run
         ignore.discard("epochs")

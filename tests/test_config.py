@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -91,12 +92,28 @@ def test_a_recipe_sets_every_value_and_the_flags_given_override_it():
         TrainConfig.from_recipe("fastest")
 
 
-def test_best_trains_bncnn_with_less_dropout_and_model_args_replaces_the_recipes_whole():
+def test_best_trains_bncnn_with_less_dropout():
     best = TrainConfig.from_recipe("best").model_kwargs()
     assert (best["conv_dropout"], best["dense_dropout"]) == (0.1, 0.2)
-    # --model-args overrides the recipe's object as a whole, like any other flag
+
+
+def test_model_args_merge_into_the_recipes_with_the_users_keys_winning():
     zoomed = parse("--recipe", "best", "--model-args", '{"input_zoom": 1.1}').model_kwargs()
-    assert zoomed["input_zoom"] == 1.1 and "conv_dropout" not in zoomed
+    assert (zoomed["input_zoom"], zoomed["conv_dropout"], zoomed["dense_dropout"]) == (1.1, 0.1, 0.2)
+    mine = TrainConfig.from_recipe("best", model_args='{"conv_dropout": 0.0}').model_kwargs()
+    assert (mine["conv_dropout"], mine["dense_dropout"]) == (0.0, 0.2)
+
+
+def test_another_model_does_not_inherit_the_recipes_model_args():
+    assert "conv_dropout" not in parse("--recipe", "best", "--model", "cnn").model_kwargs()
+    kept = parse("--recipe", "best", "--model", "bncnn").model_kwargs()  # the recipe's own model
+    assert kept["conv_dropout"] == 0.1
+
+
+def test_model_args_that_are_not_a_json_object_are_named_in_the_error_even_over_a_recipe():
+    for text in ("[1, 2]", "{not json"):
+        with pytest.raises(UsageError, match=re.escape(text)):
+            TrainConfig.from_recipe("best", model_args=text)
 
 
 def test_config_json_records_the_recipe_and_every_resolved_value():

@@ -7,6 +7,7 @@ test_resume.py and test_training_failures.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -85,6 +86,14 @@ def test_resume_may_extend_a_constant_run_but_not_a_scheduled_one():
             check_resume_config(planned, mj.TrainConfig(epochs=10, lr_schedule=schedule))
     with pytest.raises(UsageError, match="augment"):
         check_resume_config(mj.TrainConfig(), mj.TrainConfig(augment="translate=2"))
+
+
+def test_resume_compares_model_args_as_json_objects_not_as_text():
+    saved = mj.TrainConfig(model="cnn", model_args='{"conv_dropout":0.1,"dense_dropout":0.2}')
+    check_resume_config(saved, dataclasses.replace(
+        saved, model_args='{"dense_dropout": 0.2, "conv_dropout": 0.1}'))
+    with pytest.raises(UsageError, match="model_args"):
+        check_resume_config(saved, dataclasses.replace(saved, model_args='{"conv_dropout": 0.1}'))
 
 
 def test_a_custom_optimizer_run_continues_only_with_the_optimizer_given_again(digits, tmp_path):

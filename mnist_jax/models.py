@@ -23,10 +23,15 @@ Parameter counts, the Keras-style summary and FLOP counts are in
 
 from __future__ import annotations
 
+import collections.abc
+import numbers
+import types
+import typing
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from mnist_jax import fastconv
@@ -383,4 +388,53 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if key not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
     cls, preset = _PRESETS[key]
+    check_field_types(cls, overrides)
     return cls(**{**preset, **overrides})
+
+
+def check_field_types(cls: type, values: dict[str, Any]) -> None:
+    """Raise TypeError for a value that does not fit its field's annotation, so that a bad
+    ``--model-args`` fails here, not as a traceback from deep inside the first trace.
+    Annotations that cannot be resolved, or that this does not know, are not checked."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - a user's module may annotate with names it never imports
+        return
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise TypeError(f"{cls.__name__}.{name} must be {_type_name(hints[name])}, "
+                            f"got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations of the presets' fields (JSON's lists as sequences,
+    ints as floats, bools as neither ints nor floats); anything else passes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        number = numbers.Real if hint is float else numbers.Integral
+        return isinstance(value, number) and not isinstance(value, (bool, np.bool_))
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not ...:  # tuple[float, float]
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return all(_fits(v, args[0]) for v in value) if args else True
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (tuple, collections.abc.Sequence):
+        fixed = origin is tuple and args and args[-1] is not ...
+        return f"a list of {f'{len(args)} ' if fixed else ''}{_type_name(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 
 from mnist_jax.errors import UsageError
+from mnist_jax.models import check_field_types
 
 
 def is_model_spec(name: str) -> bool:
@@ -87,6 +88,7 @@ def build_user_model(spec: str, model_args: str | None = None) -> nn.Module:
     cls = load_model_class(spec)
     kwargs = json.loads(model_args) if model_args else {}
     try:
+        check_field_types(cls, kwargs)
         return cls(**kwargs)
     except Exception as e:  # noqa: BLE001 - TypeError for unknown fields, the user's checks
         raise UsageError(f"invalid --model-args for {spec}: {type(e).__name__}: "

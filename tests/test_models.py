@@ -154,6 +154,18 @@ def test_bfloat16_compute_keeps_float32_params() -> None:
 # ------------------------------------------------------------ presets
 
 
+def test_create_model_names_a_field_whose_value_has_the_wrong_type() -> None:
+    for name, field, value, want in [("cnn", "conv_dropout", "low", "float"),
+                                     ("bncnn", "features", [32, "64"], "list of int"),
+                                     ("cnn", "input_norm", [0.1], "list of 2 float or null"),
+                                     ("mlp", "dropout", True, "float")]:
+        with pytest.raises(TypeError, match=f"{field} must be (a )?{want}"):
+            create_model(name, **{field: value})
+    # what JSON and numpy give for the annotated types is accepted
+    m = create_model("cnn", features=[np.int64(8), 16], conv_dropout=0, kernel_size=[5, 3])
+    assert m.conv_dropout == 0 and m.kernel_size == [5, 3]
+
+
 def test_create_model_and_errors() -> None:
     assert isinstance(create_model("mlp"), MLP)
     m = create_model("cnn", pool_after=(True, True), impl="xla")

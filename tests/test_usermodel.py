@@ -163,6 +163,8 @@ def test_a_bad_model_spec_exits_2_with_one_line(spec, words, tmp_path, monkeypat
 def test_bad_model_args_are_a_usage_error():
     with pytest.raises(UsageError, match="--model-args"):
         build_user_model(f"{NET}:Net", '{"no_such_field": 1}')
+    with pytest.raises(UsageError, match="--model-args.*Net.hidden must be int, got 'wide'"):
+        build_user_model(f"{NET}:Net", '{"hidden": "wide"}')  # not a traceback at trace time
     with pytest.raises(UsageError, match="--model-args"):
         mj.TrainConfig(model=f"{NET}:Net", model_args="[1, 2]").validate()
 

@@ -23,3 +23,9 @@ class UsageError(MnistJaxError):
     """Invalid request from the user: bad flag values, wrong folder, refused overwrite."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, for a one-line error that quotes it."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""

@@ -126,6 +126,20 @@ def _check_activation(name: str) -> None:
         )
 
 
+def _check_rates(module: nn.Module, *fields: str) -> None:
+    for name in fields:
+        if not 0 <= getattr(module, name) <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(module, name)!r}")
+
+
+def _check_sizes(module: nn.Module, *fields: str) -> None:
+    """Layer widths and kernel sizes: positive (one, or each of a sequence)."""
+    for name in fields:
+        value = getattr(module, name)
+        if not all(v >= 1 for v in (value if isinstance(value, Sequence) else (value,))):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
 # --------------------------------------------------------------------------
 # MLP
 # --------------------------------------------------------------------------
@@ -148,6 +162,8 @@ class MLP(nn.Module):
 
     def __post_init__(self) -> None:
         _check_activation(self.activation)
+        _check_rates(self, "dropout")
+        _check_sizes(self, "hidden", "num_classes")
         super().__post_init__()
 
     @nn.compact
@@ -211,6 +227,10 @@ class CNN(nn.Module):
             raise ValueError("pool_after must have one entry per conv layer")
         if isinstance(self.kernel_size, Sequence) and len(self.kernel_size) != len(self.features):
             raise ValueError("kernel_size must be one size or have one entry per conv layer")
+        _check_rates(self, "conv_dropout", "dense_dropout")
+        _check_sizes(self, "features", "kernel_size", "pool_size", "dense", "num_classes")
+        if not self.features:
+            raise ValueError("features must name at least one conv layer")
         super().__post_init__()
 
     @property
@@ -326,6 +346,10 @@ class BNCNN(nn.Module):
             raise ValueError(f"input_zoom must be positive, got {self.input_zoom!r}")
         if len(self.pool_after) != len(self.features):
             raise ValueError("pool_after must have one entry per conv layer")
+        _check_rates(self, "conv_dropout", "dense_dropout", "bn_momentum")
+        _check_sizes(self, "features", "kernel_size", "dense", "num_classes")
+        if not self.features:
+            raise ValueError("features must name at least one conv layer")
         super().__post_init__()
 
     @nn.compact

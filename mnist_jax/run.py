@@ -21,7 +21,7 @@ import numpy as np
 from mnist_jax import data as data_lib
 from mnist_jax import models, parallel
 from mnist_jax.config import CUSTOM, TrainConfig
-from mnist_jax.errors import MnistJaxError, UsageError
+from mnist_jax.errors import MnistJaxError, UsageError, first_line
 from mnist_jax.rundir import CURVE_SUFFIX
 from mnist_jax.augment import AugmentSpec
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
@@ -75,12 +75,24 @@ def build_model(config: TrainConfig):
     if not config.is_builtin_model:
         from mnist_jax.usermodel import build_user_model
         return build_user_model(config.model, config.model_args)
-    kwargs = config.model_kwargs()
+
+    def bad(e: Exception) -> UsageError:
+        return UsageError(f"invalid --model-args {config.model_args!r} for {config.model}: "
+                          f"{first_line(e)}")
+
     try:
-        return models.create_model(config.model, **kwargs)
+        model = models.create_model(config.model, **config.model_kwargs())
     except (TypeError, ValueError) as e:  # a field the preset lacks, or a bad value
-        raise UsageError(f"invalid --model-args {config.model_args!r} for {config.model}: "
-                         f"{e}") from None
+        raise bad(e) from None
+    if config.model_args:  # the presets trace with their own fields; trace the user's once
+        try:
+            for train in (True, False):
+                jax.eval_shape(functools.partial(model.init, train=train),
+                               {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                               jnp.zeros((1, *data_lib.IMAGE_SHAPE)))
+        except Exception as e:  # noqa: BLE001 - e.g. no conv layer, kernel 0, an odd padding
+            raise bad(e) from None
+    return model
 
 
 def build_optimizer(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES):

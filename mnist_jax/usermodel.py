@@ -18,7 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from mnist_jax.errors import UsageError
+from mnist_jax.errors import UsageError, first_line
 from mnist_jax.models import check_field_types
 
 
@@ -52,13 +52,8 @@ def _import_file(path: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - any error in the user's file
         del sys.modules[name]
         raise UsageError(f"invalid --model {str(path)!r}: importing it failed "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
     return module
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def load_model_class(spec: str) -> type[nn.Module]:
@@ -74,7 +69,7 @@ def load_model_class(spec: str) -> type[nn.Module]:
             module = importlib.import_module(where)
         except Exception as e:  # noqa: BLE001 - ImportError, or any error while importing
             raise UsageError(f"invalid --model {spec!r}: cannot import {where} "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+                             f"({type(e).__name__}: {first_line(e)})") from None
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise UsageError(f"invalid --model {spec!r}: {where} has no {cls_name}")
@@ -92,7 +87,7 @@ def build_user_model(spec: str, model_args: str | None = None) -> nn.Module:
         return cls(**kwargs)
     except Exception as e:  # noqa: BLE001 - TypeError for unknown fields, the user's checks
         raise UsageError(f"invalid --model-args for {spec}: {type(e).__name__}: "
-                         f"{_first_line(e)}") from None
+                         f"{first_line(e)}") from None
 
 
 def describe(model: nn.Module) -> tuple[str, str | None]:

@@ -417,6 +417,13 @@ CASES: list[Case] = [
     case("cli-model-args-wrong-type", "cli",
          lambda c: c.train("--model", "cnn", "--model-args", '{"conv_dropout": "low"}'), 2,
          "--model-args", "conv_dropout", "float"),
+    case("cli-model-args-dropout-above-1", "cli",
+         lambda c: c.train("--model", "cnn", "--model-args", '{"conv_dropout": 1.5}'), 2,
+         "--model-args", "conv_dropout", "[0, 1]"),
+    case("cli-model-args-pooled-below-one-pixel", "cli",  # fails only when traced
+         lambda c: c.train("--model", "bncnn", "--model-args",
+                           '{"features": [8, 8, 8, 8, 8], "pool_after": [true, true, true, true, true]}'),
+         2, "--model-args", "for bncnn"),
     case("cli-unknown-dataset", "cli", lambda c: c.train("--dataset", "cifar"), 2, "cifar"),
     case("cli-lr-nan", "cli", lambda c: c.train("--lr", "nan"), 2, "--lr", "nan"),
     case("cli-lr-inf", "cli", lambda c: c.train("--lr", "inf"), 2, "--lr", "inf"),

@@ -166,6 +166,15 @@ def test_create_model_names_a_field_whose_value_has_the_wrong_type() -> None:
     assert m.conv_dropout == 0 and m.kernel_size == [5, 3]
 
 
+def test_presets_refuse_rates_outside_0_1_and_sizes_below_1() -> None:
+    for name, field, value in [("mlp", "dropout", 1.5), ("cnn", "conv_dropout", -0.1),
+                               ("bncnn", "bn_momentum", 2.0), ("cnn", "features", (8, 0)),
+                               ("cnn", "kernel_size", 0), ("bncnn", "dense", 0),
+                               ("mlp", "hidden", (0,)), ("cnn", "features", ())]:
+        with pytest.raises(ValueError, match=field):
+            create_model(name, **{field: value, **({"pool_after": ()} if value == () else {})})
+
+
 def test_create_model_and_errors() -> None:
     assert isinstance(create_model("mlp"), MLP)
     m = create_model("cnn", pool_after=(True, True), impl="xla")

@@ -23,7 +23,7 @@ import numpy as np
 # Quieten TensorFlow/absl before anything imports them (tfds prepares data with TF).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from mnist_jax.config import MODELS, IMPLS, add_config_flags, config_from_args  # noqa: E402
+from mnist_jax.config import MODEL_FIELDS, add_config_flags, config_from_args  # noqa: E402
 from mnist_jax.errors import MnistJaxError, UsageError  # noqa: E402
 
 PROG = "mnist-jax"
@@ -241,17 +241,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from mnist_jax.models import create_model
+    from mnist_jax.run import build_model
     from mnist_jax.summary import summary
-    kw: dict[str, Any] = {}
-    if args.model == "mlp":
-        if args.hidden:
-            kw["hidden"] = tuple(args.hidden)
-        if args.dropout is not None:
-            kw["dropout"] = args.dropout
-    else:
-        kw["impl"] = args.impl
-    print(summary(create_model(args.model, **kw)))
+    print(summary(build_model(config_from_args(args))))
     return 0
 
 
@@ -324,11 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="layers, output shapes and parameter counts of a model")
-    p.add_argument("--model", choices=MODELS, default="mlp")
-    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")],
-                   help="MLP hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=float, help="MLP dropout rate")
-    p.add_argument("--impl", choices=IMPLS, default="auto", help="CNN layer implementation")
+    add_config_flags(p, only=MODEL_FIELDS, title="the model (as mnist-jax train builds it)")
     p.set_defaults(func=cmd_summary)
 
     p = _run_parser(sub, "report", "learning curves, confusion matrix and worst errors")

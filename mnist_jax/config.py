@@ -277,10 +277,17 @@ def _parser_for(f: dataclasses.Field):
     return str
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`TrainConfig` field to ``parser``."""
-    group = parser.add_argument_group("training configuration")
+MODEL_FIELDS = ("recipe", "model", "model_args", "hidden", "dropout", "impl", "dtype")
+"""The fields that say which model a run builds (:func:`mnist_jax.run.build_model`)."""
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                     title: str = "training configuration") -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser`` (those named in ``only``)."""
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f.metadata["help"]

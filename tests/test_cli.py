@@ -81,6 +81,16 @@ def test_summary_prints_the_keras_style_table(capsys):
     assert "1,199,882" in out and "conv_0" in out
 
 
+def test_summary_builds_the_model_train_would_from_the_same_flags(capsys):
+    assert main(["summary", "--recipe", "best"]) == 0
+    assert "bn_dense" in capsys.readouterr().out
+    net = Path(__file__).parent / "assets" / "net.py"
+    assert main(["summary", "--model", f"{net}:Net", "--model-args", '{"hidden": 32}']) == 0
+    assert "14,482" in capsys.readouterr().out
+    assert main(["summary", "--model", "cnn", "--model-args", '{"features": [0]}']) == 2
+    assert "features" in capsys.readouterr().err
+
+
 @pytest.mark.realdata
 def test_refuses_to_overwrite_a_run(trained_run, env, capsys):
     before = (trained_run / "results.json").read_bytes()

@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 

@@ -132,6 +132,18 @@ def _check_rates(module: nn.Module, *fields: str) -> None:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(module, name)!r}")
 
 
+def _check_conv_net(module: nn.Module) -> None:
+    """What :class:`CNN` and :class:`BNCNN` both require of their fields."""
+    if module.impl not in IMPLS:
+        raise ValueError(f"unknown impl {module.impl!r}; choose one of {list(IMPLS)}")
+    if not module.features:
+        raise ValueError("features must name at least one conv layer")
+    if module.pool_after is not None and len(module.pool_after) != len(module.features):
+        raise ValueError("pool_after must have one entry per conv layer")
+    _check_rates(module, "conv_dropout", "dense_dropout")
+    _check_sizes(module, "features", "kernel_size", "dense", "num_classes")
+
+
 def _check_sizes(module: nn.Module, *fields: str) -> None:
     """Layer widths and kernel sizes: positive (one, or each of a sequence)."""
     for name in fields:
@@ -219,18 +231,12 @@ class CNN(nn.Module):
     weight_init: str = "lecun"
 
     def __post_init__(self) -> None:
-        if self.impl not in IMPLS:
-            raise ValueError(f"unknown impl {self.impl!r}; choose one of {list(IMPLS)}")
+        _check_conv_net(self)
         if self.weight_init not in INITS:
             raise ValueError(f"unknown weight_init {self.weight_init!r}; choose one of {list(INITS)}")
-        if self.pool_after is not None and len(self.pool_after) != len(self.features):
-            raise ValueError("pool_after must have one entry per conv layer")
         if isinstance(self.kernel_size, Sequence) and len(self.kernel_size) != len(self.features):
             raise ValueError("kernel_size must be one size or have one entry per conv layer")
-        _check_rates(self, "conv_dropout", "dense_dropout")
-        _check_sizes(self, "features", "kernel_size", "pool_size", "dense", "num_classes")
-        if not self.features:
-            raise ValueError("features must name at least one conv layer")
+        _check_sizes(self, "pool_size")
         super().__post_init__()
 
     @property
@@ -340,16 +346,10 @@ class BNCNN(nn.Module):
     input_zoom: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.impl not in IMPLS:
-            raise ValueError(f"unknown impl {self.impl!r}; choose one of {list(IMPLS)}")
+        _check_conv_net(self)
         if not self.input_zoom > 0:
             raise ValueError(f"input_zoom must be positive, got {self.input_zoom!r}")
-        if len(self.pool_after) != len(self.features):
-            raise ValueError("pool_after must have one entry per conv layer")
-        _check_rates(self, "conv_dropout", "dense_dropout", "bn_momentum")
-        _check_sizes(self, "features", "kernel_size", "dense", "num_classes")
-        if not self.features:
-            raise ValueError("features must name at least one conv layer")
+        _check_rates(self, "bn_momentum")
         super().__post_init__()
 
     @nn.compact

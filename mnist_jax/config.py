@@ -101,8 +101,8 @@ class TrainConfig:
     optimizer: str = _field("adam", "optimizer (optax)", choices=OPTIMIZERS)
     learning_rates: tuple[float, ...] = _field(
         (1e-3,), "learning rate, or a comma-separated list for a sweep", flag="--lr")
-    adam_eps: float = _field(1e-7, "Adam epsilon (Keras' default)")
-    betas: tuple[float, ...] = _field((0.9, 0.999), "Adam's beta1,beta2")
+    adam_eps: float = _field(1e-7, "epsilon of adam and adamw (Keras' default)")
+    betas: tuple[float, ...] = _field((0.9, 0.999), "beta1,beta2 of adam and adamw")
     weight_decay: float = _field(0.0, "decoupled weight decay of adamw")
     momentum: float = _field(0.0, "momentum of sgd")
     lr_schedule: str = _field(
@@ -153,6 +153,8 @@ class TrainConfig:
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
+        _check_optimizer_fields(overrides.get("optimizer", recipe.get("optimizer", cls.optimizer)),
+                                overrides)
         own_model = recipe.get("model", cls.model)
         if overrides.get("model", own_model) != own_model:
             recipe.pop("model_args", None)  # the recipe's model arguments are its model's
@@ -229,6 +231,8 @@ class TrainConfig:
             raise bad("--seeds", self.seeds, "seeds must be integers from 0 to 2147483647")
         if len(set(self.seeds)) != len(self.seeds):
             raise bad("--seeds", self.seeds, "seeds must be distinct")
+        if len(set(self.learning_rates)) != len(self.learning_rates):
+            raise bad("--lr", self.learning_rates, "learning rates must be distinct")
         for lr in self.learning_rates:
             if not math.isfinite(lr) or lr <= 0:
                 raise bad("--lr", lr, "learning rate must be a positive finite number")
@@ -247,6 +251,22 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise bad("--keep-checkpoints", self.keep_checkpoints, "must be at least 1")
         return self
+
+
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "betas": ("adam", "adamw"), "adam_eps": ("adam", "adamw"),
+    "weight_decay": ("adamw",), "momentum": ("sgd",)}
+"""Which optimizers read each optimizer-specific field
+(:func:`mnist_jax.training.make_optimizer`)."""
+
+
+def _check_optimizer_fields(optimizer: str, given: dict[str, Any]) -> None:
+    """Refuse a value given for a field that ``optimizer`` would silently ignore (``--momentum``
+    with adam, ``--betas`` with sgd); a recipe's own values are not the user's and pass."""
+    for name, users in OPTIMIZER_FIELDS.items():
+        if name in given and optimizer in OPTIMIZERS and optimizer not in users:
+            raise UsageError(f"{_flag(_FIELDS[name])} is a setting of --optimizer "
+                             f"{' or '.join(users)}; --optimizer {optimizer} does not use it")
 
 
 def _flag(f: dataclasses.Field) -> str:

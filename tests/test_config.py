@@ -46,6 +46,7 @@ def test_lists_of_seeds_and_learning_rates():
     ("learning_rates", (float("nan"),), "--lr"), ("learning_rates", (-1.0,), "--lr"),
     ("model", "resnet", "--model"), ("validation_split", 1.0, "--validation-split"),
     ("seeds", (1, 1), "--seeds"), ("seeds", (2**31,), "--seeds"), ("devices", 0, "--devices"),
+    ("learning_rates", (1e-3, 1e-3), "--lr"),
     ("lr_schedule", "step", "--lr-schedule"), ("optimizer", "rmsprop", "--optimizer"),
     ("betas", (0.9,), "--betas"), ("warmup", 1.0, "--warmup"),
     ("label_smoothing", -0.1, "--label-smoothing"), ("augment", "rotation=x", "--augment"),
@@ -114,6 +115,26 @@ def test_model_args_that_are_not_a_json_object_are_named_in_the_error_even_over_
     for text in ("[1, 2]", "{not json"):
         with pytest.raises(UsageError, match=re.escape(text)):
             TrainConfig.from_recipe("best", model_args=text)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (("--optimizer", "sgd", "--betas", "0.5,0.9"), "--betas"),
+    (("--optimizer", "sgd", "--adam-eps", "1e-3"), "--adam-eps"),
+    (("--momentum", "0.9",), "--momentum"),  # the default optimizer is adam
+    (("--optimizer", "adam", "--weight-decay", "1e-4"), "--weight-decay"),
+    (("--recipe", "speedrun", "--optimizer", "adamw", "--momentum", "0.9"), "--momentum"),
+])
+def test_a_setting_the_chosen_optimizer_would_ignore_is_a_usage_error(argv, flag):
+    with pytest.raises(UsageError, match=f"^{flag} is a setting of --optimizer"):
+        parse(*argv)
+
+
+def test_optimizer_settings_pass_with_the_optimizers_that_use_them():
+    assert parse("--optimizer", "sgd", "--momentum", "0.9").momentum == 0.9
+    assert parse("--optimizer", "adamw", "--weight-decay", "1e-4", "--betas", "0.8,0.99").betas \
+        == (0.8, 0.99)
+    # a recipe's own Adam settings are not the user's: another optimizer just leaves them unused
+    assert parse("--recipe", "speedrun", "--optimizer", "sgd").optimizer == "sgd"
 
 
 def test_config_json_records_the_recipe_and_every_resolved_value():

@@ -502,13 +502,15 @@ def _content_key(digests: dict[str, str]) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_cache(path: Path, name: str) -> Dataset | None:
-    """The cached dataset, or None if absent; a damaged cache is reported and ignored."""
+def _read_cache(path: Path, name: str) -> tuple[Dataset, str] | None:
+    """The cached dataset and the warning it was read with (see ``_load_uncached``), or None
+    if absent; a damaged cache is reported and ignored."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in IDX_FILES}
+            note = str(z["note"]) if "note" in z.files else ""
         for split in ("train", "test"):
             x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             if x.dtype != np.uint8 or y.dtype != np.uint8:
@@ -517,11 +519,12 @@ def _read_cache(path: Path, name: str) -> Dataset | None:
     except Exception as e:  # zipfile/OSError/ValueError/KeyError/DataError: all mean "rebuild"
         warnings.warn(f"ignoring damaged cache {path}: {_one_line(e)}", stacklevel=3)
         return None
-    return _dataset(name, arrays, "cache")
+    return _dataset(name, arrays, "cache"), note
 
 
-def _write_cache(path: Path, ds: Dataset) -> None:
-    """Write ``ds`` as an uncompressed uint8 ``.npz``, atomically (temp file + os.replace)."""
+def _write_cache(path: Path, ds: Dataset, note: str) -> None:
+    """Write ``ds`` as an uncompressed uint8 ``.npz`` with ``note``, atomically (temp file +
+    os.replace)."""
     try:
         with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
             np.savez(
@@ -530,30 +533,39 @@ def _write_cache(path: Path, ds: Dataset) -> None:
                 train_labels=ds.train_labels.astype(np.uint8),
                 test_images=ds.test_images.astype(np.uint8),
                 test_labels=ds.test_labels.astype(np.uint8),
+                note=np.array(note),
             )
     except OSError as e:
         warnings.warn(f"could not write cache {path}: {e}", stacklevel=3)
 
 
 def _load_uncached(name: str, folder: Path, files: dict[str, Path], raw: dict[str, bytes],
-                   digests: dict[str, str], source: str, tfds_data_dir: Path) -> Dataset:
+                   digests: dict[str, str], source: str,
+                   tfds_data_dir: Path) -> tuple[Dataset, str]:
     """Read the folder's bytes: the strict IDX reader always (damaged archives are refused
-    whatever else is on the machine), then tfds for the official archives."""
+    whatever else is on the machine), then tfds for the official archives.
+
+    Returns the dataset and, for ``.gz`` archives that are not the official bytes, the
+    warning to repeat whenever the cache serves them (it is kept with them)."""
     arrays = _idx_arrays(files, raw)
     if source == "idx":
-        return _dataset(name, arrays, "idx")
+        return _dataset(name, arrays, "idx"), ""
     if source == "auto" and not all(p.suffix == ".gz" for p in files.values()):
-        return _dataset(name, arrays, "idx")  # uncompressed files are never the official ones
+        return _dataset(name, arrays, "idx"), ""  # uncompressed files are never the official
+    official = None  # unknown until tfds' checksums are read
     try:
-        if not _is_official(name, files, digests):
+        official = _is_official(name, files, digests)
+        if not official:
             raise _not_official(name, folder)
         _discard_incomplete(tfds_data_dir / name, "incomplete.*")  # tfds' own, from a kill
-        return _prepared_by_tfds(name, folder, arrays, tfds_data_dir)
+        return _prepared_by_tfds(name, folder, arrays, tfds_data_dir), ""
     except _TfdsRefused as e:
         if source == "tfds":
             raise
-        warnings.warn(f"tfds refused {name} ({e}); reading the IDX files instead", stacklevel=3)
-    return _dataset(name, arrays, "idx")
+        note = f"tfds refused {name} ({e}); the IDX reader read the files instead"
+        warnings.warn(note, stacklevel=3)
+    # a refusal of tfds itself (not installed, no checksums) is this machine's, not the bytes'
+    return _dataset(name, arrays, "idx"), note if official is False else ""
 
 
 def load_dataset(
@@ -593,14 +605,19 @@ def load_dataset(
         raise _not_official(name, folder)
     cache_path = cache_dir / f"{name}-{_content_key(digests)}.npz"
 
-    ds = _read_cache(cache_path, name) if use_cache else None
-    if ds is None:
+    hit = _read_cache(cache_path, name) if use_cache else None
+    if hit is None:
         with _preparing(name, cache_dir):
-            ds = _read_cache(cache_path, name) if use_cache else None  # made while we waited
-            if ds is None:
-                ds = _load_uncached(name, folder, files, raw, digests, source, cache_dir / "tfds")
+            hit = _read_cache(cache_path, name) if use_cache else None  # made while we waited
+            if hit is None:
+                ds, note = _load_uncached(name, folder, files, raw, digests, source,
+                                          cache_dir / "tfds")
                 if use_cache:
-                    _write_cache(cache_path, ds)
+                    _write_cache(cache_path, ds, note)
+                hit = ds, ""  # already warned
+    ds, note = hit
+    if note:
+        warnings.warn(f"{note} (served from the cache)", stacklevel=2)
     return dataclasses.replace(ds, load_seconds=time.perf_counter() - start)
 
 

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,8 +290,9 @@ def test_load_dataset_cache_stores_uint8(tmp_path):
     load_dataset("mnist", folder, cache_dir=tmp_path / "c", source="idx")
     (cache,) = (tmp_path / "c").glob("*.npz")
     with np.load(cache) as z:
-        assert {z[k].dtype for k in z.files} == {np.dtype(np.uint8)}
-        assert sorted(z.files) == sorted(data.IDX_FILES)
+        assert {z[k].dtype for k in data.IDX_FILES} == {np.dtype(np.uint8)}
+        assert sorted(z.files) == sorted([*data.IDX_FILES, "note"])
+        assert str(z["note"]) == ""  # read as the user asked: nothing to repeat
 
 
 def test_load_dataset_cache_keyed_by_content_not_names_sizes_or_times(tmp_path):
@@ -350,6 +352,9 @@ def test_auto_falls_back_to_idx_without_tfds(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="tfds refused.*cannot be imported"):
         ds = load_dataset("mnist", folder, cache_dir=tmp_path / "c")
     assert ds.source == "idx" and ds.train_images.shape == (6, 28, 28)
+    with warnings.catch_warnings():  # tfds' absence was this machine's, not the bytes': not kept
+        warnings.simplefilter("error")
+        assert load_dataset("mnist", folder, cache_dir=tmp_path / "c").source == "cache"
     with pytest.raises(DataError, match="cannot be imported"):
         load_dataset("mnist", folder, cache_dir=tmp_path / "c2", source="tfds")
 
@@ -506,7 +511,8 @@ def test_fashion_mnist_auto_falls_back_to_idx(fashion_dir, tmp_path):
     assert np.bincount(ds.test_labels).tolist() == [1000] * 10
     for split, stem in (("train", STEMS[1]), ("test", STEMS[3])):  # the official file order
         assert getattr(ds, f"{split}_labels")[:30].tolist() == file_order_labels(fashion_dir, stem, 30)
-    cached = load_dataset("fashion_mnist", fashion_dir, cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="not the official fashion_mnist.*served from the cache"):
+        cached = load_dataset("fashion_mnist", fashion_dir, cache_dir=tmp_path)
     assert cached.source == "cache"
     np.testing.assert_array_equal(cached.train_labels, ds.train_labels)
     np.testing.assert_array_equal(cached.test_images, ds.test_images)
@@ -528,7 +534,8 @@ def test_a_folder_of_other_valid_archives_is_read_as_it_is(mnist, mnist_dir, dat
     assert ds.source == "idx"
     np.testing.assert_array_equal(ds.train_labels, labels)
     np.testing.assert_array_equal(ds.train_images, mnist.train_images)
-    again = load_dataset("mnist", copy, cache_dir=data_cache_dir)
+    with pytest.warns(UserWarning, match="not the official mnist.*served from the cache"):
+        again = load_dataset("mnist", copy, cache_dir=data_cache_dir)
     assert again.source == "cache"
     np.testing.assert_array_equal(again.train_labels, labels)
     official = load_dataset("mnist", mnist_dir, cache_dir=data_cache_dir)

@@ -149,6 +149,8 @@ class TrainConfig:
 
         ``model_args`` merges key by key (the override's keys win) while the model stays the
         recipe's; another ``model`` drops the recipe's ``model_args``, which were its model's.
+        An override of a setting the resolved optimizer does not read
+        (:data:`OPTIMIZER_FIELDS`) is a :class:`UsageError`.
         """
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")

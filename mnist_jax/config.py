@@ -120,9 +120,10 @@ class TrainConfig:
              "the test set is then evaluated only after the last epoch")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
     dropout: float | None = _field(None, "dropout rate of the MLP (default 0.4)")
-    impl: str = _field("auto", "layer implementation: fast CPU paths, plain XLA, or auto",
-                       choices=IMPLS)
-    dtype: str = _field("float32", "compute dtype (params stay float32)", choices=DTYPES)
+    impl: str = _field("auto", "layer implementation of the preset CNNs: fast CPU paths, "
+                       "plain XLA, or auto", choices=IMPLS)
+    dtype: str = _field("float32", "compute dtype of the presets (params stay float32)",
+                        choices=DTYPES)
     devices: int | None = _field(None, "number of local devices to shard the batch over "
                                        "(default: all)")
     checkpoint_every: int = _field(1, "save a checkpoint every N epochs (0: never)")
@@ -149,14 +150,14 @@ class TrainConfig:
 
         ``model_args`` merges key by key (the override's keys win) while the model stays the
         recipe's; another ``model`` drops the recipe's ``model_args``, which were its model's.
-        An override of a setting the resolved optimizer does not read
-        (:data:`OPTIMIZER_FIELDS`) is a :class:`UsageError`.
+        An override of a setting that the resolved optimizer, schedule or model does not
+        read (:data:`SETTING_OF`) is a :class:`UsageError`.
         """
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
-        _check_optimizer_fields(overrides.get("optimizer", recipe.get("optimizer", cls.optimizer)),
-                                overrides)
+        _check_settings({f: overrides.get(f, recipe.get(f, _FIELDS[f].default))
+                         for f in ("optimizer", "lr_schedule", "model")}, overrides)
         own_model = recipe.get("model", cls.model)
         if overrides.get("model", own_model) != own_model:
             recipe.pop("model_args", None)  # the recipe's model arguments are its model's
@@ -255,20 +256,29 @@ class TrainConfig:
         return self
 
 
-OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
-    "betas": ("adam", "adamw"), "adam_eps": ("adam", "adamw"),
-    "weight_decay": ("adamw",), "momentum": ("sgd",)}
-"""Which optimizers read each optimizer-specific field
-(:func:`mnist_jax.training.make_optimizer`)."""
+SETTING_OF: dict[str, tuple[str, tuple[str, ...]]] = {
+    "betas": ("optimizer", ("adam", "adamw")), "adam_eps": ("optimizer", ("adam", "adamw")),
+    "weight_decay": ("optimizer", ("adamw",)), "momentum": ("optimizer", ("sgd",)),
+    "warmup": ("lr_schedule", ("cosine", "onecycle")),
+    "hidden": ("model", ("mlp",)), "dropout": ("model", ("mlp",)),
+    "impl": ("model", tuple(m for m in MODELS if m != "mlp")), "dtype": ("model", MODELS),
+}
+"""The fields read only under some values of another: field -> (that field, its values)
+(:func:`mnist_jax.training.make_optimizer`, :meth:`TrainConfig.model_kwargs`)."""
 
 
-def _check_optimizer_fields(optimizer: str, given: dict[str, Any]) -> None:
-    """Refuse a value given for a field that ``optimizer`` would silently ignore (``--momentum``
-    with adam, ``--betas`` with sgd); a recipe's own values are not the user's and pass."""
-    for name, users in OPTIMIZER_FIELDS.items():
-        if name in given and optimizer in OPTIMIZERS and optimizer not in users:
-            raise UsageError(f"{_flag(_FIELDS[name])} is a setting of --optimizer "
-                             f"{' or '.join(users)}; --optimizer {optimizer} does not use it")
+def _check_settings(resolved: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse a value given for a field that the run would silently ignore (``--momentum``
+    with adam, ``--dropout`` with the CNN, ``--warmup`` with a constant rate); a recipe's
+    own values are not the user's and pass."""
+    for name, (owner, values) in SETTING_OF.items():
+        value = resolved[owner]
+        if name in given and value not in values and value != CUSTOM:
+            owner_flag = _flag(_FIELDS[owner])
+            hint = (" (its own fields go in --model-args)"
+                    if owner == "model" and value != "mlp" else "")
+            raise UsageError(f"{_flag(_FIELDS[name])} is a setting of {owner_flag} "
+                             f"{' or '.join(values)}; {owner_flag} {value} does not use it{hint}")
 
 
 def _flag(f: dataclasses.Field) -> str:

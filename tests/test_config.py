@@ -117,24 +117,35 @@ def test_model_args_that_are_not_a_json_object_are_named_in_the_error_even_over_
             TrainConfig.from_recipe("best", model_args=text)
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (("--optimizer", "sgd", "--betas", "0.5,0.9"), "--betas"),
-    (("--optimizer", "sgd", "--adam-eps", "1e-3"), "--adam-eps"),
-    (("--momentum", "0.9",), "--momentum"),  # the default optimizer is adam
-    (("--optimizer", "adam", "--weight-decay", "1e-4"), "--weight-decay"),
-    (("--recipe", "speedrun", "--optimizer", "adamw", "--momentum", "0.9"), "--momentum"),
+@pytest.mark.parametrize("argv,flag,owner", [
+    (("--optimizer", "sgd", "--betas", "0.5,0.9"), "--betas", "--optimizer sgd"),
+    (("--optimizer", "sgd", "--adam-eps", "1e-3"), "--adam-eps", "--optimizer sgd"),
+    (("--momentum", "0.9",), "--momentum", "--optimizer adam"),  # the default optimizer
+    (("--optimizer", "adam", "--weight-decay", "1e-4"), "--weight-decay", "--optimizer adam"),
+    (("--recipe", "speedrun", "--optimizer", "adamw", "--momentum", "0.9"), "--momentum",
+     "--optimizer adamw"),
+    (("--warmup", "0.1",), "--warmup", "--lr-schedule constant"),
+    (("--model", "cnn", "--dropout", "0.2"), "--dropout", "--model cnn"),
+    (("--recipe", "best", "--hidden", "32"), "--hidden", "--model bncnn"),
+    (("--impl", "xla",), "--impl", "--model mlp"),
+    (("--model", "tests/assets/net.py:Net", "--dtype", "bfloat16"), "--dtype",
+     "--model tests/assets/net.py:Net"),
 ])
-def test_a_setting_the_chosen_optimizer_would_ignore_is_a_usage_error(argv, flag):
-    with pytest.raises(UsageError, match=f"^{flag} is a setting of --optimizer"):
+def test_a_setting_the_run_would_ignore_is_a_usage_error_naming_both(argv, flag, owner):
+    with pytest.raises(UsageError, match=f"^{flag} is a setting of .*; {owner} does not use it"):
         parse(*argv)
 
 
-def test_optimizer_settings_pass_with_the_optimizers_that_use_them():
+def test_settings_pass_where_they_are_read():
     assert parse("--optimizer", "sgd", "--momentum", "0.9").momentum == 0.9
     assert parse("--optimizer", "adamw", "--weight-decay", "1e-4", "--betas", "0.8,0.99").betas \
         == (0.8, 0.99)
-    # a recipe's own Adam settings are not the user's: another optimizer just leaves them unused
+    assert parse("--lr-schedule", "cosine", "--warmup", "0.1").warmup == 0.1
+    assert parse("--model", "cnn", "--impl", "xla", "--dtype", "bfloat16").impl == "xla"
+    assert parse("--hidden", "32", "--dropout", "0.2").model_kwargs()["dropout"] == 0.2
+    # a recipe's own values are not the user's: another optimizer or model leaves them unused
     assert parse("--recipe", "speedrun", "--optimizer", "sgd").optimizer == "sgd"
+    assert parse("--recipe", "best", "--lr-schedule", "constant").warmup == 0.2
 
 
 def test_config_json_records_the_recipe_and_every_resolved_value():

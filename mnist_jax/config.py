@@ -279,6 +279,9 @@ def _check_settings(resolved: dict[str, Any], given: dict[str, Any]) -> None:
                     if owner == "model" and value != "mlp" else "")
             raise UsageError(f"{_flag(_FIELDS[name])} is a setting of {owner_flag} "
                              f"{' or '.join(values)}; {owner_flag} {value} does not use it{hint}")
+    if given.get("warmup") == 0 and resolved["lr_schedule"] == "onecycle":  # 0 is the default
+        raise UsageError("invalid --warmup 0.0: the one-cycle schedule rises over a fraction of "
+                         "the run in (0, 1); leave --warmup out for its default, 0.25")
 
 
 def _flag(f: dataclasses.Field) -> str:

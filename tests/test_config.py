@@ -136,6 +136,12 @@ def test_a_setting_the_run_would_ignore_is_a_usage_error_naming_both(argv, flag,
         parse(*argv)
 
 
+def test_an_explicit_warmup_of_zero_is_refused_by_the_one_cycle_schedule():
+    with pytest.raises(UsageError, match="--warmup 0.0: the one-cycle"):
+        parse("--lr-schedule", "onecycle", "--warmup", "0")
+    assert parse("--lr-schedule", "cosine", "--warmup", "0").warmup == 0.0  # no warm-up
+
+
 def test_settings_pass_where_they_are_read():
     assert parse("--optimizer", "sgd", "--momentum", "0.9").momentum == 0.9
     assert parse("--optimizer", "adamw", "--weight-decay", "1e-4", "--betas", "0.8,0.99").betas \

@@ -210,11 +210,15 @@ def test_hashed_dropout_mask_keeps_the_right_fraction_and_is_deterministic():
                                                            (256, 784))))
 
 
+INSTALL = {"keras": "pip install -e '.[bench]'",
+           "torch": "in no extra: pip install torch==2.13.0 takes the CPU build"}
+
+
 @pytest.mark.parametrize("peer", ["keras", "torch"])
 def test_the_peers_train_our_models(peer, monkeypatch):
     """Each peer's twin of mlp / cnn / convnet has exactly our parameter count."""
     if not bench.peer_available(peer):
-        pytest.skip(f"{peer} is not installed (it comes with the bench extra / by hand)")
+        pytest.skip(f"{peer} is not installed ({INSTALL[peer]})")
     from mnist_jax.models import create_model
     if peer == "keras":
         monkeypatch.setenv("KERAS_BACKEND", "jax")
@@ -366,7 +370,7 @@ def test_the_torch_speedrun_script_is_the_records_recipe_and_imports_no_jax():
 def test_the_torch_speedrun_script_trains_and_reports(tmp_path):
     """Where PyTorch is installed: the script trains on 512 synthetic images (2 steps),
     evaluates and prints one result line, with JAX never imported."""
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason=f"torch is not installed ({INSTALL['torch']})")
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     np.savez(data, train_images=rng.integers(0, 256, (512, 28, 28), dtype=np.uint8),

@@ -157,7 +157,8 @@ class TrainConfig:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
         _check_settings({f: overrides.get(f, recipe.get(f, _FIELDS[f].default))
-                         for f in ("optimizer", "lr_schedule", "model")}, overrides)
+                         for f in ("optimizer", "lr_schedule", "model", "checkpoint_every")},
+                        overrides)
         own_model = recipe.get("model", cls.model)
         if overrides.get("model", own_model) != own_model:
             recipe.pop("model_args", None)  # the recipe's model arguments are its model's
@@ -282,6 +283,9 @@ def _check_settings(resolved: dict[str, Any], given: dict[str, Any]) -> None:
     if given.get("warmup") == 0 and resolved["lr_schedule"] == "onecycle":  # 0 is the default
         raise UsageError("invalid --warmup 0.0: the one-cycle schedule rises over a fraction of "
                          "the run in (0, 1); leave --warmup out for its default, 0.25")
+    if "keep_checkpoints" in given and resolved["checkpoint_every"] == 0:
+        raise UsageError("--keep-checkpoints has nothing to keep with --checkpoint-every 0 "
+                         "(no checkpoints)")
 
 
 def _flag(f: dataclasses.Field) -> str:

@@ -142,6 +142,12 @@ def test_an_explicit_warmup_of_zero_is_refused_by_the_one_cycle_schedule():
     assert parse("--lr-schedule", "cosine", "--warmup", "0").warmup == 0.0  # no warm-up
 
 
+def test_keeping_checkpoints_that_are_never_written_is_refused():
+    with pytest.raises(UsageError, match="--keep-checkpoints has nothing to keep"):
+        parse("--checkpoint-every", "0", "--keep-checkpoints", "5")
+    assert parse("--checkpoint-every", "2", "--keep-checkpoints", "5").keep_checkpoints == 5
+
+
 def test_settings_pass_where_they_are_read():
     assert parse("--optimizer", "sgd", "--momentum", "0.9").momentum == 0.9
     assert parse("--optimizer", "adamw", "--weight-decay", "1e-4", "--betas", "0.8,0.99").betas \

@@ -156,16 +156,15 @@ class TrainConfig:
         if name not in RECIPES:
             raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
-        _check_settings({f: overrides.get(f, recipe.get(f, _FIELDS[f].default))
-                         for f in ("optimizer", "lr_schedule", "model", "checkpoint_every")},
-                        overrides)
         own_model = recipe.get("model", cls.model)
         if overrides.get("model", own_model) != own_model:
             recipe.pop("model_args", None)  # the recipe's model arguments are its model's
         if "model_args" in recipe and "model_args" in overrides:
             overrides = {**overrides,
                          "model_args": _merge_json(recipe["model_args"], overrides["model_args"])}
-        return cls(**{**recipe, "recipe": name, **overrides}).validate()
+        config = cls(**{**recipe, "recipe": name, **overrides}).validate()
+        _check_settings(config, overrides)
+        return config
 
     @property
     def is_builtin_model(self) -> bool:
@@ -268,22 +267,22 @@ SETTING_OF: dict[str, tuple[str, tuple[str, ...]]] = {
 (:func:`mnist_jax.training.make_optimizer`, :meth:`TrainConfig.model_kwargs`)."""
 
 
-def _check_settings(resolved: dict[str, Any], given: dict[str, Any]) -> None:
-    """Refuse a value given for a field that the run would silently ignore (``--momentum``
-    with adam, ``--dropout`` with the CNN, ``--warmup`` with a constant rate); a recipe's
-    own values are not the user's and pass."""
+def _check_settings(config: TrainConfig, given: dict[str, Any]) -> None:
+    """Refuse a value ``given`` for a field that ``config`` would silently ignore
+    (``--momentum`` with adam, ``--dropout`` with the CNN, ``--warmup`` with a constant rate);
+    a recipe's own values are not the user's and pass."""
     for name, (owner, values) in SETTING_OF.items():
-        value = resolved[owner]
+        value = getattr(config, owner)
         if name in given and value not in values and value != CUSTOM:
             owner_flag = _flag(_FIELDS[owner])
             hint = (" (its own fields go in --model-args)"
                     if owner == "model" and value != "mlp" else "")
             raise UsageError(f"{_flag(_FIELDS[name])} is a setting of {owner_flag} "
                              f"{' or '.join(values)}; {owner_flag} {value} does not use it{hint}")
-    if given.get("warmup") == 0 and resolved["lr_schedule"] == "onecycle":  # 0 is the default
+    if given.get("warmup") == 0 and config.lr_schedule == "onecycle":  # 0 is the default
         raise UsageError("invalid --warmup 0.0: the one-cycle schedule rises over a fraction of "
                          "the run in (0, 1); leave --warmup out for its default, 0.25")
-    if "keep_checkpoints" in given and resolved["checkpoint_every"] == 0:
+    if "keep_checkpoints" in given and config.checkpoint_every == 0:
         raise UsageError("--keep-checkpoints has nothing to keep with --checkpoint-every 0 "
                          "(no checkpoints)")
 

@@ -289,8 +289,12 @@ def _is_official(name: str, files: dict[str, Path], digests: dict[str, str]) -> 
     return all(sums.get(files[k].name) == digests[k] for k in IDX_FILES)
 
 
-def _not_official(name: str, folder: Path) -> _TfdsRefused:
-    return _TfdsRefused(
+class _NotOfficial(_TfdsRefused):
+    """tfds refused the bytes themselves: they are not the official archives."""
+
+
+def _not_official(name: str, folder: Path) -> _NotOfficial:
+    return _NotOfficial(
         f"{folder}: the archives are not the official {name} bytes (their SHA-256 differs "
         "from the checksums tfds registers); use source='idx' to read them directly")
 
@@ -552,10 +556,8 @@ def _load_uncached(name: str, folder: Path, files: dict[str, Path], raw: dict[st
         return _dataset(name, arrays, "idx"), ""
     if source == "auto" and not all(p.suffix == ".gz" for p in files.values()):
         return _dataset(name, arrays, "idx"), ""  # uncompressed files are never the official
-    official = None  # unknown until tfds' checksums are read
     try:
-        official = _is_official(name, files, digests)
-        if not official:
+        if not _is_official(name, files, digests):
             raise _not_official(name, folder)
         _discard_incomplete(tfds_data_dir / name, "incomplete.*")  # tfds' own, from a kill
         return _prepared_by_tfds(name, folder, arrays, tfds_data_dir), ""
@@ -564,8 +566,8 @@ def _load_uncached(name: str, folder: Path, files: dict[str, Path], raw: dict[st
             raise
         note = f"tfds refused {name} ({e}); the IDX reader read the files instead"
         warnings.warn(note, stacklevel=3)
-    # a refusal of tfds itself (not installed, no checksums) is this machine's, not the bytes'
-    return _dataset(name, arrays, "idx"), note if official is False else ""
+        # a refusal of tfds itself (not installed, no checksums) is the machine's, not kept
+        return _dataset(name, arrays, "idx"), note if isinstance(e, _NotOfficial) else ""
 
 
 def load_dataset(

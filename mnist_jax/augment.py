@@ -41,8 +41,8 @@ own key ``k_i``; its affine parameters are ``uniform(fold_in(k_i, 0), (5,), -1, 
 (rotation, zoom, shear, row shift, column shift, each times its bound; threefry) and
 its elastic noise, ``U(-1, 1)`` of shape ``(2, H, W)`` (row then column displacement),
 hashes the element indices with the two words of ``fold_in(k_i, 1)`` (the counter-based
-hash of :mod:`mnist_jax.dropout`; threefry cost 7x more here).  The caller derives the batch key from the train state's rng and
-step, so a resumed run draws exactly the same transforms.
+hash of :mod:`mnist_jax.dropout`, several times cheaper than threefry on the CPU).  The
+caller derives the batch key from the train state's rng and step, so a resumed run draws exactly the same transforms.
 
 Reference recipes (documented, not enforced): cdeotte's Kaggle "MNIST 99.75"
 uses ``rotation=10, scale=0.1, translate=2.8`` (shifts of 0.1 x 28 px; Keras draws
@@ -50,11 +50,10 @@ its zoom per axis, ours is one factor);
 many single-model records use ``translate=2`` or ``3`` with a small rotation; Simard
 et al. use ``elastic_alpha=34, elastic_sigma=4``.
 
-Cost on the 2-core CPU (jit, batch 256, fastest of 1,000 calls on a loaded
-machine; medians ran ~1.3-2x higher): the affine warp 0.8 ms, with elastic distortion
-1.6 ms (its noise, two 28x28 matmuls per image and axis).  Resampling is four point
-gathers per pixel (``map_coordinates``), which XLA:CPU ran faster than one gather of
-2x2 windows (1.5x) or of flattened indices (2-4x).
+Cost: the elastic distortion about doubles the affine warp's (its noise, two 28x28
+matmuls per image and axis).  Resampling is four point gathers per pixel
+(``map_coordinates``), which XLA:CPU runs faster than one gather of 2x2 windows or of
+flattened indices (the figures are in the docs' Benchmarks page).
 """
 
 from __future__ import annotations
@@ -247,8 +246,7 @@ def elastic_noise(key: jax.Array, batch: int, height: int, width: int) -> jax.Ar
 
     Image ``i`` hashes its element indices with the two words of ``fold_in(k_i, 1)``
     (``k_i`` from ``split(key, batch)``), using the counter-based hash of
-    :mod:`mnist_jax.dropout`: threefry would cost ~1.5 ms per batch of 256 on the CPU,
-    the hash ~0.2 ms.  24 bits per value, so values lie on a grid of ``2**-23``.
+    :mod:`mnist_jax.dropout`, several times cheaper than threefry on the CPU.  24 bits per value, so values lie on a grid of ``2**-23``.
     """
     keys = _image_keys(key, batch, _ELASTIC)
     words = jax.vmap(key_words)(keys)  # (batch, 2) uint32

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from mnist_jax.atomic import fsync_dir, write_atomic
-from mnist_jax.errors import DataError, UsageError
+from mnist_jax.errors import DataError, UsageError, first_line
 
 __all__ = ["Checkpointer", "save_params", "load_params"]
 
@@ -52,8 +52,7 @@ _PARAMS_VERSION = 1
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of message``, shortened to ``limit`` characters."""
-    text = str(exc).strip().splitlines()
-    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    first = first_line(exc).split(" See full TensorStore details")[0]
     msg = f"{type(exc).__name__}: {first}".rstrip(": ")
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 

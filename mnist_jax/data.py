@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnist_jax.atomic import atomic_path
-from mnist_jax.errors import DataError, UsageError
+from mnist_jax.errors import DataError, UsageError, first_line
 from mnist_jax.names import DATASETS
 
 DATA_DIR_ENV = "MNIST_JAX_DATA_DIR"
@@ -94,13 +94,9 @@ def _dataset(name: str, arrays: dict[str, np.ndarray], source: str) -> Dataset:
     )
 
 
-def _one_line(problem: object) -> str:
-    return " ".join(str(problem).split())
-
-
 def _fail(path: Path | str, problem: object) -> DataError:
     """A one-line DataError naming ``path``."""
-    return DataError(f"{path}: {_one_line(problem)}")
+    return DataError(f"{path}: {first_line(problem)}")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -249,7 +245,7 @@ def _import_tfds():
     try:
         import tensorflow_datasets as tfds
     except Exception as e:  # ImportError, or a broken install failing while importing
-        raise _TfdsRefused(f"tensorflow-datasets cannot be imported: {_one_line(e)}") from e
+        raise _TfdsRefused(f"tensorflow-datasets cannot be imported: {first_line(e)}") from e
     tfds.disable_progress_bar()  # one line of ours says what is loaded; theirs floods logs
     return tfds
 
@@ -261,7 +257,7 @@ def _registered_url_infos(name: str) -> dict[str, tuple[str, Any]]:
     try:
         infos = tfds.builder_cls(name).url_infos or {}
     except Exception as e:
-        raise _TfdsRefused(f"tfds has no checksums for {name}: {_one_line(e)}") from e
+        raise _TfdsRefused(f"tfds has no checksums for {name}: {first_line(e)}") from e
     mirror = os.environ.get(url_env(name), "").strip()
     found = {}
     for url, info in infos.items():
@@ -327,9 +323,9 @@ def _tfds_arrays(name: str, manual_dir: Path, tfds_data_dir: Path) -> dict[str, 
             )
             (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
     except ImportError as e:  # TensorFlow, imported lazily while preparing
-        raise _TfdsRefused(f"TensorFlow cannot be imported: {_one_line(e)}") from e
+        raise _TfdsRefused(f"TensorFlow cannot be imported: {first_line(e)}") from e
     except Exception as e:
-        raise DataError(f"tfds could not prepare {name} from {manual_dir}: {_one_line(e)}") from e
+        raise DataError(f"tfds could not prepare {name} from {manual_dir}: {first_line(e)}") from e
     return {"train_images": np.squeeze(train_x, -1), "train_labels": train_y,
             "test_images": np.squeeze(test_x, -1), "test_labels": test_y}
 
@@ -489,7 +485,7 @@ def download_archives(name: str, cache_dir: str | os.PathLike[str] | None = None
                     with atomic_path(folder / f"{stem}.gz", durable=False) as dst:
                         shutil.copyfile(path, dst)
         except Exception as e:
-            raise DataError(f"could not download {name} from {where}: {_one_line(e).rstrip('.')}; "
+            raise DataError(f"could not download {name} from {where}: {first_line(e).rstrip('.')}; "
                             f"{OFFLINE_HINT}") from None
     return folder
 
@@ -521,7 +517,7 @@ def _read_cache(path: Path, name: str) -> tuple[Dataset, str] | None:
                 raise ValueError("arrays are not uint8")
             _check_split(x, y, path, path)
     except Exception as e:  # zipfile/OSError/ValueError/KeyError/DataError: all mean "rebuild"
-        warnings.warn(f"ignoring damaged cache {path}: {_one_line(e)}", stacklevel=3)
+        warnings.warn(f"ignoring damaged cache {path}: {first_line(e)}", stacklevel=3)
         return None
     return _dataset(name, arrays, "cache"), note
 

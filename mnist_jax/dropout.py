@@ -1,8 +1,8 @@
 """Dropout with a cheap counter-based mask: same layer, ~10x less random-number work.
 
 ``flax.linen.Dropout`` draws a 32-bit threefry number per element; on the CPU
-backend that costs about as much as a third of the MLP's 128x784x784 matmul per
-step (0.4 ms of ~2.3 ms).  :class:`Dropout` computes the same inverted dropout
+backend that costs a sizeable share of the MLP's training step next to its
+128x784x784 matmul.  :class:`Dropout` computes the same inverted dropout
 (keep with probability ``1 - rate``, scale kept values by ``1 / (1 - rate)``),
 but draws each element's bit from a stateless integer hash of its index, keyed
 by the layer's dropout key::

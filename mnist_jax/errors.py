@@ -25,7 +25,8 @@ class UsageError(MnistJaxError):
     exit_code = 2
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message, for a one-line error that quotes it."""
+def first_line(e: object) -> str:
+    """The first line of ``e``'s message (an exception or any text), for a one-line error
+    that quotes it; "" when it has none."""
     text = str(e).strip().splitlines()
-    return text[0] if text else ""
+    return text[0].strip() if text else ""

@@ -49,16 +49,16 @@ CHUNK_BYTES = 4 << 20
 FUSE_STACK = True
 # Layers with at most this many input channels run their forward through XLA's conv:
 # im2col of a 1-channel image is a 9x copy feeding a K=9 matmul, which XLA's conv beats
-# (convnet step 10.7 -> 10.0 ms; the default CNN unchanged).  Gradients stay im2col.
+# in the forward pass.  Gradients stay im2col.
 XLA_CONV_MAX_CIN = 1
 # Channel-major only: the backward keeps the hidden layers' outputs (and pool codes) when
 # they take at most this many bytes per example, instead of recomputing them per chunk
-# (the speedrun net: 17 KB, training step -5 %).
+# (the speedrun net's 17 KB: reading them back beats recomputing them).
 STORE_MAX_BYTES = 32 << 10
 # The stack computes in the channel-major layout (see _to_cm) when its first layer has at
-# least this many kernel taps (kh*kw*cin); None: never.  On this 2-core CPU a training
-# step of the speedrun net (5x5 first layer) is 10-13 % faster channel-major, the
-# default CNN and the convnet (3x3 first layers: K=9 matmuls) up to 17 % slower.
+# least this many kernel taps (kh*kw*cin); None: never.  Channel-major pays for a large
+# first kernel (the speedrun net's 5x5) and costs for 3x3 first layers (K=9 matmuls,
+# the default CNN and the convnet); the figures are in the docs' Benchmarks page.
 CHANNEL_MAJOR_MIN_TAPS: int | None = 16
 # Channel-major only: the first layer, when its input needs no gradient, orders its
 # conv outputs by pool-window offset (pool = max over contiguous planes).

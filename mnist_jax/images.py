@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from mnist_jax.errors import DataError, UsageError
+from mnist_jax.errors import DataError, UsageError, first_line
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -140,10 +140,6 @@ def to_mnist(img: Image.Image | np.ndarray) -> np.ndarray:
     return np.round(out * 255.0).astype(np.uint8)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _too_large(p: Path, pixels: int | None) -> DataError:
     size = f"{pixels:,} pixels; " if pixels is not None else ""
     return DataError(f"{p}: image too large ({size}limit {MAX_PIXELS:,}), "
@@ -194,7 +190,7 @@ def load_image(path: str | Path) -> np.ndarray:
     except PermissionError:
         raise DataError(f"{p}: permission denied") from None
     except Exception as e:  # damaged files make decoders raise OSError, SyntaxError, struct.error
-        raise DataError(f"{p}: truncated or corrupt image data ({_one_line(e)})") from None
+        raise DataError(f"{p}: truncated or corrupt image data ({first_line(e) or type(e).__name__})") from None
     try:
         return to_mnist(img)
     except DataError as e:
@@ -214,7 +210,7 @@ def _walk(paths: Sequence[str | Path]) -> Iterator[tuple[Path, bool]]:
         found = False
 
         def fail(err: OSError) -> None:
-            raise DataError(f"{err.filename or p}: cannot list folder ({_one_line(err)})")
+            raise DataError(f"{err.filename or p}: cannot list folder ({first_line(err) or type(err).__name__})")
 
         for root, dirs, files in os.walk(p, onerror=fail):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))

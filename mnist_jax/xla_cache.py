@@ -1,8 +1,8 @@
 """XLA's persistent compilation cache, kept in mnist-jax's cache folder.
 
 A later process that compiles the same program (same model, shapes, flags, jax version and
-backend) reads the executable from disk instead of compiling it again: the speedrun's
-programs take about 4 s to compile on the 2-core CPU and under 1 s to read back. The command
+backend) reads the executable from disk instead of compiling it again: a program
+that takes seconds to compile is read back in a fraction of that time. The command
 line turns it on for its own process; a script may call :func:`enable_compilation_cache`
 itself. ``MNIST_JAX_XLA_CACHE=0`` turns it off; a cache folder the user already gave JAX
 (``JAX_COMPILATION_CACHE_DIR``) is kept, and so is a threshold the user gave JAX

@@ -138,7 +138,11 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     t_start = time.perf_counter()
     multi = jax.process_count() > 1
     primary = parallel.is_primary()
-    config = _record_run(config.validate(), model, optimizer)
+    config = config.validate()
+    if model is not None:
+        from mnist_jax.usermodel import as_model
+        model = as_model(model, config.num_models)
+    config = _record_run(config, model, optimizer)
     out = Path(out) if out is not None else default_run_dir(config)
     if primary:  # refusals first: nothing is loaded, written or deleted before them
         RunDir.check_for_training(out, resume=resume, overwrite=overwrite)
@@ -264,7 +268,11 @@ def load_run(run_dir: str | Path, *, model=None) -> LoadedRun:
     if not run.params_path.exists():
         raise UsageError(f"{run.path} has no trained parameters (params.msgpack): "
                          "the run did not finish; continue it with train --resume")
-    model = model if model is not None else build_model(config)
+    if model is not None:
+        from mnist_jax.usermodel import as_model
+        model = as_model(model)
+    else:
+        model = build_model(config)
     # The variables' structure without running the initialisers (eagerly they take seconds).
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jax.numpy.zeros((1, 28, 28)), train=False))

@@ -24,6 +24,7 @@ from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError, first_line
 from mnist_jax.rundir import CURVE_SUFFIX
 from mnist_jax.augment import AugmentSpec
+from mnist_jax.usermodel import as_model
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
                                 create_train_state, exposes_learning_rate, loop_emitter_options,
                                 make_optimizer, stack_states, to_host)
@@ -70,8 +71,9 @@ def state_step(state: TrainState) -> int:
 
 
 def build_model(config: TrainConfig):
-    """The Flax module that ``config`` describes: a preset, or the user's module that
-    ``config.model`` names (``file.py:Class`` / ``package.module:Class``)."""
+    """The Flax module that ``config`` describes: a preset, or the user's module (linen,
+    or NNX through :class:`~mnist_jax.nnxmodel.NNXModel`) that ``config.model`` names
+    (``file.py:Class`` / ``package.module:Class``)."""
     if not config.is_builtin_model:
         from mnist_jax.usermodel import build_user_model
         return build_user_model(config.model, config.model_args)
@@ -126,7 +128,7 @@ class StateInit:
 
     def __init__(self, config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLES, *,
                  model=None, optimizer=None):
-        model = model if model is not None else build_model(config)
+        model = as_model(model, config.num_models) if model is not None else build_model(config)
         tx = optimizer if optimizer is not None else build_optimizer(config, train_examples)
         set_lr = optimizer is None or len(config.learning_rates) > 1
         if optimizer is not None and set_lr and not exposes_learning_rate(optimizer):
@@ -158,8 +160,9 @@ def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLE
                model=None, optimizer=None) -> TrainState:
     """Fresh train state(s): one per (seed, learning rate), stacked when several.
 
-    ``model`` (any Flax module) and ``optimizer`` (any ``optax.GradientTransformation``)
-    replace the ones ``config`` describes. With a user's optimizer, a learning-rate sweep
+    ``model`` (a Flax linen module, or an NNX class, callable or instance: see
+    :func:`fit`) and ``optimizer`` (any ``optax.GradientTransformation``) replace the ones
+    ``config`` describes. With a user's optimizer, a learning-rate sweep
     needs it to expose its rate (``optax.inject_hyperparams``); a single rate leaves it as
     it was built. ``train_examples`` (the training set before the validation split) sets
     the length of a scheduled learning rate.
@@ -324,8 +327,12 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
         on_epoch: Callable[[int, TrainState, dict], None] | None = None) -> FitResult:
     """Train the model(s) of ``config``; resume from ``state``/``history`` if given.
 
-    ``model`` (any Flax linen module, called as ``model.apply(variables, x, train=...)``
-    on float32 images (B, 28, 28) in [0, 1], returning logits), ``optimizer`` (any
+    ``model`` is any Flax linen module (called as ``model.apply(variables, x, train=...)``)
+    or an NNX model (called as ``model(x)`` after ``model.train()`` / ``model.eval()``):
+    its class, or any callable called as ``f(rngs=nnx.Rngs(key))``, builds one model per
+    seed and learning rate inside the compiled program; an instance trains as one model
+    from its own weights. Either takes float32 images (B, 28, 28) in [0, 1] and returns
+    logits (B, 10). ``optimizer`` (any
     ``optax.GradientTransformation``) and ``loss`` (``loss(logits, labels)`` → per-example
     losses) replace what ``config`` describes; every seed of ``config.seeds`` trains its
     own copy in the one compiled program. ``on_epoch(epoch, state, row)`` is called after

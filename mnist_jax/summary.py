@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 
 from mnist_jax.models import CNN
+from mnist_jax.nnxmodel import NNXModel
+from mnist_jax.usermodel import as_model
 
 __all__ = ["count_params", "summary", "flops_per_example"]
 
@@ -45,10 +48,13 @@ def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
     return tree if isinstance(tree, dict) else {}
 
 
-def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[_Layer], dict[str, Any]]:
+def _trace(model: nn.Module | NNXModel, input_shape: Sequence[int]
+           ) -> tuple[list[_Layer], dict[str, Any]]:
     """Shape-only trace of ``model`` (the "xla" variant for a CNN, so that ReLU
     and pooling appear as layers) recording every module call, nested ones too, in
     call order; and the model's variables, by collection, as shapes."""
+    if isinstance(model, NNXModel):
+        return _trace_nnx(model, input_shape)
     if isinstance(model, CNN):
         model = model.clone(impl="xla")
     calls: list[tuple[tuple[str, ...], str, tuple, tuple]] = []
@@ -71,16 +77,55 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[_Layer], 
             for path, kind, ins, outs in calls], variables
 
 
-def summary(model: nn.Module, input_shape: Sequence[int] = (1, 28, 28)) -> str:
+def _trace_nnx(model: NNXModel, input_shape: Sequence[int]
+               ) -> tuple[list[_Layer], dict[str, Any]]:
+    """:func:`_trace` of an NNX model, in inference mode. NNX has no method interceptor,
+    so the ``__call__`` of each submodule's class records its calls while tracing."""
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    calls: list[tuple[tuple[str, ...], str, tuple, tuple]] = []
+
+    def recording(cls: type, paths: dict[int, tuple[str, ...]]):
+        original = cls.__call__
+
+        def call(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if id(self) in paths and args and hasattr(args[0], "shape") and hasattr(out, "shape"):
+                calls.append((paths[id(self)], type(self).__name__, tuple(args[0].shape),
+                              tuple(out.shape)))
+            return out
+        return original, call
+
+    def run(variables, x):
+        module = model.module(variables)
+        module.eval()
+        paths = {id(m): tuple(map(str, path)) for path, m in nnx.iter_modules(module) if path}
+        classes = {type(m) for _, m in nnx.iter_modules(module)} - {type(module)}
+        originals = {}
+        try:
+            for cls in classes:
+                originals[cls], cls.__call__ = recording(cls, paths)
+            module(x)
+        finally:
+            for cls, original in originals.items():
+                cls.__call__ = original
+
+    jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    return [_Layer(path, kind, ins, outs, variables) for path, kind, ins, outs in calls], variables
+
+
+def summary(model: Any, input_shape: Sequence[int] = (1, 28, 28)) -> str:
     """A Keras ``model.summary()``-style table: layer (type), output shape
     (batch shown as ``None``) and parameter count, then the totals. As in Keras, state
-    such as BatchNorm's moving statistics counts as non-trainable parameters."""
+    such as BatchNorm's moving statistics counts as non-trainable parameters. ``model``
+    is what :func:`mnist_jax.fit` takes: a linen module, or an NNX class or instance."""
+    model = as_model(model)
     layers, variables = _trace(model, input_shape)
     layers = [layer for layer in layers if len(layer.path) == 1]  # Keras lists the top level
     labels = [f"{layer.name} ({layer.kind})" for layer in layers]
     width = max([32, *(len(label) + 1 for label in labels)])
     rule = "=" * (width + 34)
-    title = f'Model: "{type(model).__name__}"'
+    name = model.name if isinstance(model, NNXModel) else type(model).__name__
+    title = f'Model: "{name}"'
     if isinstance(model, CNN):
         title += f" (impl={model.resolved_impl})"
     lines = [title, f"{'Layer (type)':<{width}}{'Output Shape':<22}{'Param #':>12}", rule]

@@ -264,6 +264,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args, prog=f"{PROG} bench")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run's model: the draw-a-digit page and the JSON API (the serve extra)."""
+    try:
+        from mnist_jax.serve import serve
+    except ImportError as e:
+        raise UsageError(f"mnist-jax serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'mnist-jax[serve]'") from None
+    serve(args.run_dir, host=args.host, port=args.port, model_index=args.model_index,
+          ensemble=args.ensemble, max_body=args.max_body)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand that reads a finished run: RUN_DIR and --data-dir."""
@@ -331,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "source checkout; 'mnist-jax bench --help' for its flags)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="a draw-a-digit page and a JSON API (POST /predict) over "
+                       "a trained run (needs the serve extra; see docs/serve.md)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; the API "
+                        "has no authentication)")
+    p.add_argument("--port", type=_non_negative_int, default=8000,
+                   help="port (default 8000; 0: one the system chooses, printed)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model-index", type=_non_negative_int, metavar="I",
+                   help="serve model I of a run that trained several (default 0)")
+    g.add_argument("--ensemble", action="store_true",
+                   help="serve the mean of the probabilities of all the run's models")
+    p.add_argument("--max-body", type=_positive_int, default=10_000_000, metavar="BYTES",
+                   help="larger request bodies are refused with 413 (default 10000000)")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -116,12 +116,17 @@ def _nnx_model(spec: str, make: Any, kwargs: dict[str, Any]) -> NNXModel:
     if "rngs" in kwargs:
         raise bad("rngs is not an argument to give: mnist-jax passes nnx.Rngs(seed)")
     init = make.__init__ if isinstance(make, type) else make
+    this = (None,) if isinstance(make, type) else ()  # ``self`` of a class's __init__
     try:
-        inspect.signature(make).bind(rngs=None, **kwargs)
-    except TypeError as e:
-        raise bad(f"TypeError: {first_line(e)}") from None
+        signature = inspect.signature(init)
     except ValueError:  # no signature to read: the call itself will say
-        pass
+        signature = None
+    if signature is not None:
+        rngs = {"rngs": None} if "rngs" in signature.parameters else {}  # else: NNXModel says
+        try:
+            signature.bind(*this, **rngs, **kwargs)
+        except TypeError as e:
+            raise bad(f"TypeError: {first_line(e)}") from None
     try:
         check_field_types(make, kwargs, typing.get_type_hints(init))
     except TypeError as e:

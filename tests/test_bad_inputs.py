@@ -308,6 +308,13 @@ def case(id, group, argv, code, *names, deny_read=None, warnings_ok=False) -> Ca
     return Case(id, group, argv, code, tuple(names), deny_read, warnings_ok)
 
 
+NNX_NET = ROOT / "tests" / "assets" / "nnx_net.py"
+
+
+def nnx_bad(name: str) -> str:
+    return f"{ROOT / 'tests' / 'assets' / 'nnx_bad.py'}:{name}"
+
+
 T, R, P = "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"
 rng = np.random.default_rng(1)
 
@@ -408,6 +415,28 @@ CASES: list[Case] = [
          "--batch-size"),
     case("cli-unknown-model", "cli", lambda c: c.train("--model", "resnet"), 2,
          "--model", "resnet"),
+    # ---- NNX models that cannot be MNIST classifiers (--model file.py:Class) -----------
+    case("nnx-constructor-raises", "cli", lambda c: c.train("--model", nnx_bad("Raises")), 2,
+         "Raises", "constructor failed", "width must be even"),
+    case("nnx-constructor-takes-no-rngs", "cli",
+         lambda c: c.train("--model", nnx_bad("NoRngs")), 2, "NoRngs", "no rngs"),
+    case("nnx-forward-fails", "cli", lambda c: c.train("--model", nnx_bad("ForwardFails")), 2,
+         "ForwardFails", "forward pass fails", "(B, 28, 28)"),
+    case("nnx-seven-classes", "cli", lambda c: c.train("--model", nnx_bad("SevenClasses")), 2,
+         "SevenClasses", "(2, 7)", "(B, 10)"),
+    case("nnx-integer-output", "cli", lambda c: c.train("--model", nnx_bad("IntegerOutput")), 2,
+         "IntegerOutput", "int32", "floating point"),
+    case("nnx-not-a-module", "cli", lambda c: c.train("--model", nnx_bad("NotAModule")), 2,
+         "NotAModule", "neither a flax.linen Module nor an NNX Module"),
+    case("nnx-model-args-rngs", "cli",
+         lambda c: c.train("--model", f"{NNX_NET}:Net", "--model-args", '{"rngs": 1}'), 2,
+         "--model-args", "rngs"),
+    case("nnx-model-args-unknown", "cli",
+         lambda c: c.train("--model", f"{NNX_NET}:Net", "--model-args", '{"widht": 8}'), 2,
+         "--model-args", "widht"),
+    case("nnx-model-args-wrong-type", "cli",
+         lambda c: c.train("--model", f"{NNX_NET}:Net", "--model-args", '{"hidden": "wide"}'),
+         2, "--model-args", "hidden", "int"),
     case("cli-model-args-not-json", "cli",
          lambda c: c.train("--model", "cnn", "--model-args", "{conv_dropout: 0}"), 2,
          "--model-args", "JSON"),

@@ -139,7 +139,7 @@ def test_a_module_is_rebuilt_from_what_describe_records():
     ("missing.py:Net", "no such file"),
     ("broken.py:Net", "importing it failed"),
     ("net.py:Nope", "has no Nope"),
-    ("net.py:helper", "not a flax.linen Module"),
+    ("net.py:helper", "neither a flax.linen Module nor an NNX Module"),
     ("no_such_package_xyz.mod:Net", "cannot import"),
     ("net.py:", "expected path/to/file.py:ClassName"),
 ])

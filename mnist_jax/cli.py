@@ -276,6 +276,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's model (or ensemble) as ONNX or StableHLO, checked before it is kept."""
+    from mnist_jax.export import export
+    from mnist_jax.lifecycle import load_run
+
+    loaded = load_run(args.run_dir)
+    done = export(loaded, args.out, format=args.format, model_index=args.model_index,
+                  ensemble=args.ensemble, data_dir=args.data_dir)
+    n = loaded.config.num_models
+    if args.ensemble:
+        what = f"the ensemble (mean of the {n} models' probabilities)"
+    elif n > 1:
+        default = "the default; " if args.model_index is None else ""
+        what = (f"model {done.members[0]} of {n} ({default}--model-index I picks another, "
+                "--ensemble their mean)")
+    else:
+        what = "the model"
+    size = done.path.stat().st_size
+    print(f"{what} written as {args.format} to {done.path} ({size / 1e6:.1f} MB)"
+          + (f", metadata in {done.metadata_path}" if done.metadata_path else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand that reads a finished run: RUN_DIR and --data-dir."""
@@ -360,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=_positive_int, default=10_000_000, metavar="BYTES",
                    help="larger request bodies are refused with 413 (default 10000000)")
     p.set_defaults(func=cmd_serve)
+
+    p = _run_parser(sub, "export", "write a trained run's model (or ensemble) as an ONNX or "
+                    "StableHLO file that runs without mnist-jax (ONNX needs the export extra; "
+                    "see docs/export.md)")
+    p.add_argument("--format", required=True, choices=("onnx", "stablehlo"),
+                   help="onnx (for onnxruntime) or stablehlo (jax.export, for bare JAX)")
+    p.add_argument("--out", metavar="FILE",
+                   help="the file to write (default: RUN_DIR/export/model.FORMAT)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model-index", type=_non_negative_int, metavar="I",
+                   help="export model I of a run that trained several (default 0)")
+    g.add_argument("--ensemble", action="store_true",
+                   help="export the mean of the probabilities of all the run's models")
+    p.set_defaults(func=cmd_export)
 
     return parser
 

@@ -430,11 +430,18 @@ def _url(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
-def _is_loopback(host: str, sock: socket.socket) -> bool:
+def host_warning(host: str) -> str | None:
+    """The warning for a ``--host`` that other machines may reach (None for loopback)."""
     try:
-        return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        local = bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
+                                        for a in addresses)
+    except (OSError, ValueError):
+        local = False
+    if local:
+        return None
+    return (f"warning: listening on {host}, which other machines may reach; the API has no "
+            "authentication: anyone who can reach it can use it")
 
 
 def _uvicorn_server(app: Any) -> Any:
@@ -510,10 +517,9 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     server = _uvicorn_server(create_app(predictor.start(), info, max_body=max_body,
                                         scratch=scratch))
     url = _url(sock, host)
-    if not _is_loopback(host, sock):
-        print(f"mnist-jax serve: warning: listening on {host}, reachable from other machines; "
-              "the API has no authentication: anyone who can reach it can use it",
-              file=sys.stderr)
+    warning = host_warning(host)
+    if warning:
+        print(f"mnist-jax serve: {warning}", file=sys.stderr)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -56,7 +56,7 @@ def _like(template: Any, tree: Any) -> Any:
 
 
 def _pure(state: nnx.State) -> dict[str, Any]:
-    return _str_keys(state.to_pure_dict())
+    return _str_keys(nnx.to_pure_dict(state))
 
 
 def _set(tree: dict, path: tuple, value: Any) -> None:
@@ -87,8 +87,8 @@ class NNXModel:
         self.name = getattr(self.target, "__name__", type(self.target).__name__)
         abstract = instance if instance is not None else self._build_abstract()
         self._graphdef, params, rngs, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
-        self._params_keys = params.to_pure_dict()
-        self._rest_keys = rest.to_pure_dict()
+        self._params_keys = nnx.to_pure_dict(params)
+        self._rest_keys = nnx.to_pure_dict(rest)
         self._rng_leaves = [(path, isinstance(var, nnx.RngKey))
                             for path, var in nnx.to_flat_state(rngs)]
         self._check_forward()

@@ -120,7 +120,11 @@ def summary(model: Any, input_shape: Sequence[int] = (1, 28, 28)) -> str:
     is what :func:`mnist_jax.fit` takes: a linen module, or an NNX class or instance."""
     model = as_model(model)
     layers, variables = _trace(model, input_shape)
-    layers = [layer for layer in layers if len(layer.path) == 1]  # Keras lists the top level
+    # Keras lists the top level: the calls with no traced call above them (an NNX list's
+    # layers, "convs/0", are top level: the list itself is never called)
+    called = {layer.path for layer in layers}
+    layers = [layer for layer in layers
+              if not any(layer.path[:k] in called for k in range(1, len(layer.path)))]
     labels = [f"{layer.name} ({layer.kind})" for layer in layers]
     width = max([32, *(len(label) + 1 for label in labels)])
     rule = "=" * (width + 34)

@@ -81,19 +81,25 @@ def test_one_four_and_eight_devices_train_the_same_model(tmp_path):
 
 
 
-def test_a_user_model_with_batchnorm_trains_the_same_on_one_and_eight_devices(tmp_path):
+@pytest.mark.parametrize("net, args", [
+    ("net.py", '{"features": [8, 16]}'),
+    ("nnx_net.py", '{"features": [8, 16], "dropout": 0.1}'),
+], ids=["linen", "nnx"])
+def test_a_user_model_with_batchnorm_trains_the_same_on_one_and_eight_devices(net, args,
+                                                                              tmp_path):
     """BatchNorm's batch statistics are computed over the GLOBAL batch when it is sharded
     (XLA reduces them across devices), so 8 devices train what 1 device trains, statistics
     included, up to float32 summation order; with augmentation drawn on the device too.
     Adam divides each gradient by its own running size, so where a gradient is near zero
     its rounding noise becomes a step of up to the learning rate (1e-3): over 8 steps a
     handful of elements drift by more than float32 tolerance, never by more than 8 steps.
-    Per-device statistics of 16 examples would move most elements at once."""
+    Per-device statistics of 16 examples would move most elements at once. The same for
+    the linen module and its NNX twin (BatchNorm's statistics in model_state)."""
     out = tmp_path / "bn"
-    net = f"{ROOT / 'tests' / 'assets' / 'net.py'}:Net"
+    net = f"{ROOT / 'tests' / 'assets' / net}:Net"
     r = subprocess.run([sys.executable, str(WORKER), str(out), "--devices", "1,8",
                         "--train", str(128 * 8), "--model", net, "--model-args",
-                        '{"features": [8, 16]}', "--augment", "translate=2", *_real_flag()],
+                        args, "--augment", "translate=2", *_real_flag()],
                        env=_env(8), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     one, eight = _params(tmp_path / "bn-1.npz"), _params(tmp_path / "bn-8.npz")

@@ -44,6 +44,11 @@ SMALL = ["--hidden", "64", "--epochs", "4", "--seeds", "0", "--keep-checkpoints"
 USER_BN = ["--model", f"{ROOT / 'tests' / 'assets' / 'net.py'}:Net", "--model-args",
            '{"features": [4, 8]}', "--augment", "rotation=10,translate=2", "--epochs", "4",
            "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
+# The same with an NNX module (its BatchNorm statistics in model_state, its dropout keyed
+# from the state).
+NNX_BN = ["--model", f"{ROOT / 'tests' / 'assets' / 'nnx_net.py'}:Net", "--model-args",
+          '{"features": [4, 8], "dropout": 0.2}', "--augment", "rotation=10,translate=2",
+          "--epochs", "4", "--seeds", "0", "--keep-checkpoints", "3", "--quiet"]
 
 # Runs the CLI with opt-in hooks (none of them changes what is computed or written).
 HOOKS = r"""
@@ -207,6 +212,14 @@ def user_bn_reference(tmp_path_factory, bn_digits) -> Path:
     return tmp / "run"
 
 
+@pytest.fixture(scope="module")
+def nnx_bn_reference(tmp_path_factory, bn_digits) -> Path:
+    """An uninterrupted run of the NNX_BN config."""
+    tmp = tmp_path_factory.mktemp("reference_nnx")
+    _cli(tmp, "train", *NNX_BN, "--data-dir", str(bn_digits), "--out", str(tmp / "run"))
+    return tmp / "run"
+
+
 def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_provenance(
         reference, mnist_dir, tmp_path):
     _cli(tmp_path, "train", *SMALL, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "again"))
@@ -234,11 +247,15 @@ def test_same_config_and_seed_give_bitwise_identical_runs_and_results_record_pro
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["test_loss"] > 0
 
 
-@pytest.mark.parametrize("case", ["mlp", "user-batchnorm-augmented"])
+@pytest.mark.parametrize("case", ["mlp", "user-batchnorm-augmented", "nnx-batchnorm-augmented"])
 def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(case, request, mnist_dir, tmp_path):
-    config, reference, folder = (
-        (SMALL, request.getfixturevalue("reference"), mnist_dir) if case == "mlp" else
-        (USER_BN, request.getfixturevalue("user_bn_reference"), request.getfixturevalue("bn_digits")))
+    config, reference, folder = {
+        "mlp": lambda: (SMALL, request.getfixturevalue("reference"), mnist_dir),
+        "user-batchnorm-augmented": lambda: (USER_BN, request.getfixturevalue("user_bn_reference"),
+                                             request.getfixturevalue("bn_digits")),
+        "nnx-batchnorm-augmented": lambda: (NNX_BN, request.getfixturevalue("nnx_bn_reference"),
+                                            request.getfixturevalue("bn_digits")),
+    }[case]()
     run = tmp_path / "run"
     args = ["train", *config, "--data-dir", str(folder), "--out", str(run)]
     proc = _start(tmp_path, *args, MJT_STALL_EPOCH="3")
@@ -257,8 +274,10 @@ def test_killed_mid_epoch_then_resumed_ends_bitwise_equal(case, request, mnist_d
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
     if case != "mlp":  # the saved variables hold the BatchNorm statistics, trained
         from mnist_jax.checkpoint import load_params
-        stats = load_params(run / "params.msgpack")["batch_stats"]
-        assert not np.allclose(stats["BatchNorm_0"]["var"], 1.0)
+        saved = load_params(run / "params.msgpack")
+        stats = (saved["batch_stats"]["BatchNorm_0"] if case.startswith("user")
+                 else saved["nnx_state"]["norms"]["0"])
+        assert not np.allclose(stats["var"], 1.0)
 
 
 def test_killed_mid_save_with_a_damaged_newest_checkpoint_resumes_from_the_previous_one(

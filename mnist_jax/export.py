@@ -26,12 +26,14 @@ raised. Files are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -228,14 +230,33 @@ def _max_pool(x, *, window_dimensions, window_strides, padding, base_dilation,
     return y.transpose(np.argsort(kept + pooled).tolist())
 
 
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """The converter's and its IR library's warnings silenced: they log notes about
+    intermediate values to stderr, where a command prints one line per outcome."""
+    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _onnx_bytes(fn: Callable, metadata: dict[str, str], name: str) -> bytes:
     to_onnx, _ = _import_onnx()
     spec = _input_spec()
     closed = jax.make_jaxpr(fn)(spec)
+
+    def traced(images):
+        return _eval_jaxpr(closed.jaxpr, closed.consts, images)[0]
+
     try:
-        model = to_onnx(lambda images: _eval_jaxpr(closed.jaxpr, closed.consts, images)[0],
-                        [spec], model_name=name, input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME])
+        with _quiet_converter():
+            model = to_onnx(traced, [spec], model_name=name, input_names=[INPUT_NAME],
+                            output_names=[OUTPUT_NAME])
     except NotImplementedError as e:
         missing = re.search(r"primitive '([^']+)'", str(e))
         if missing:

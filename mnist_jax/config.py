@@ -120,8 +120,10 @@ class TrainConfig:
              "the test set is then evaluated only after the last epoch")
     hidden: tuple[int, ...] = _field((), "MLP hidden sizes, comma-separated (default 784)")
     dropout: float | None = _field(None, "dropout rate of the MLP (default 0.4)")
-    impl: str = _field("auto", "layer implementation of the preset CNNs: fast CPU paths, "
-                       "plain XLA, or auto", choices=IMPLS)
+    impl: str = _field("auto", "how convolutions run: auto (on the CPU the fast paths: the preset "
+                       "CNNs' own, and your module's convolutions rewritten as im2col + "
+                       "matmul; XLA's on GPUs/TPUs), fast (those paths everywhere), or xla "
+                       "(XLA's convolutions everywhere)", choices=IMPLS)
     dtype: str = _field("float32", "compute dtype of the presets (params stay float32)",
                         choices=DTYPES)
     devices: int | None = _field(None, "number of local devices to shard the batch over "
@@ -256,12 +258,16 @@ class TrainConfig:
         return self
 
 
+USER_MODEL = "a module of yours"
+"""Stands in :data:`SETTING_OF` for every ``--model`` that is not a preset."""
+
 SETTING_OF: dict[str, tuple[str, tuple[str, ...]]] = {
     "betas": ("optimizer", ("adam", "adamw")), "adam_eps": ("optimizer", ("adam", "adamw")),
     "weight_decay": ("optimizer", ("adamw",)), "momentum": ("optimizer", ("sgd",)),
     "warmup": ("lr_schedule", ("cosine", "onecycle")),
     "hidden": ("model", ("mlp",)), "dropout": ("model", ("mlp",)),
-    "impl": ("model", tuple(m for m in MODELS if m != "mlp")), "dtype": ("model", MODELS),
+    "impl": ("model", tuple(m for m in MODELS if m != "mlp") + (USER_MODEL,)),
+    "dtype": ("model", MODELS),
 }
 """The fields read only under some values of another: field -> (that field, its values)
 (:func:`mnist_jax.training.make_optimizer`, :meth:`TrainConfig.model_kwargs`)."""
@@ -273,7 +279,8 @@ def _check_settings(config: TrainConfig, given: dict[str, Any]) -> None:
     a recipe's own values are not the user's and pass."""
     for name, (owner, values) in SETTING_OF.items():
         value = getattr(config, owner)
-        if name in given and value not in values and value != CUSTOM:
+        kind = USER_MODEL if owner == "model" and not config.is_builtin_model else value
+        if name in given and kind not in values and value != CUSTOM:
             owner_flag = _flag(_FIELDS[owner])
             hint = (" (its own fields go in --model-args)"
                     if owner == "model" and value != "mlp" else "")

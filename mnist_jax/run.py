@@ -112,11 +112,12 @@ def build_optimizer(config: TrainConfig, train_examples: int = data_lib.TRAIN_EX
 
 
 def step_options(config: TrainConfig, loss: Callable | None = None) -> StepOptions:
-    """The loss and augmentation of ``config``'s training step (``loss`` overrides the
-    cross-entropy)."""
+    """The loss, augmentation and convolutions (``config.impl``: "auto" rewrites a model's
+    convolutions into the fast CPU form on the CPU) of ``config``'s training step (``loss``
+    overrides the cross-entropy)."""
     spec = AugmentSpec.parse(config.augment)
     return StepOptions(loss=loss if loss is not None else CrossEntropy(config.label_smoothing),
-                       augment=spec if spec.enabled else None)
+                       augment=spec if spec.enabled else None, convs=config.impl)
 
 
 class StateInit:

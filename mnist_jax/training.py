@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from flax import struct
 
 from mnist_jax import augment as augment_lib
+from mnist_jax import convrewrite
 from mnist_jax.config import OPTIMIZERS, SCHEDULES
 from mnist_jax.errors import UsageError
 
@@ -79,12 +80,16 @@ class CrossEntropy:
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """The static parts of a training step: the per-example ``loss(logits, labels)``
-    and the augmentation drawn on the device (None: none). Hashable, so that one
-    compiled program serves every call with equal options."""
+    """The static parts of a training step: the per-example ``loss(logits, labels)``,
+    the augmentation drawn on the device (None: none) and how the model's convolutions
+    run (``convs``, one of :data:`mnist_jax.convrewrite.CHOICES`: "auto" computes them
+    as im2col + matmul on the CPU, see :func:`mnist_jax.convrewrite.fast_convolutions`;
+    "xla" leaves them to XLA). Hashable, so that one compiled program serves every call
+    with equal options."""
 
     loss: Callable[[jax.Array, jax.Array], jax.Array] = CrossEntropy()
     augment: augment_lib.AugmentSpec | None = None
+    convs: str = "auto"
 
 
 # Points of the within-epoch training curve: a one-epoch run (the speedrun) still gets a
@@ -224,12 +229,21 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def _apply(state: TrainState, x: jax.Array, *, train: bool, rngs=None):
-    """``model.apply`` on the state's variables → (logits, new model_state)."""
-    if train and state.model_state:
-        return state.apply_fn(state.variables, x, train=True, rngs=rngs,
-                              mutable=list(state.model_state))
-    return state.apply_fn(state.variables, x, train=train, rngs=rngs), state.model_state
+def _apply(state: TrainState, x: jax.Array, *, train: bool, rngs=None, convs: str = "xla"):
+    """``model.apply`` on the state's variables → (logits, new model_state); its
+    convolutions rewritten into the fast CPU form when ``convs`` says so (the rewrite
+    happens here, before the loss is differentiated)."""
+    mutable = list(state.model_state) if train and state.model_state else None
+
+    def apply(variables, x, rngs):
+        if mutable:
+            return state.apply_fn(variables, x, train=True, rngs=rngs, mutable=mutable)
+        return state.apply_fn(variables, x, train=train, rngs=rngs)
+
+    if convrewrite.resolve(convs):
+        apply = convrewrite.fast_convolutions(apply)
+    out = apply(state.variables, x, rngs)
+    return out if mutable else (out, state.model_state)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -247,7 +261,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
 
     def loss_fn(params):
         logits, model_state = _apply(state.replace(params=params), x, train=True,
-                                     rngs={"dropout": dropout_key})
+                                     rngs={"dropout": dropout_key}, convs=options.convs)
         loss = options.loss(logits, labels)
         return loss.mean(), (_correct(logits, labels).mean(), model_state)
 
@@ -304,17 +318,18 @@ def _pad_to_batches(n: int, batch_size: int) -> tuple[int, int]:
 
 
 def _batched_apply(state: TrainState, images: jax.Array, batch_size: int,
-                   out_fn: Callable) -> Any:
+                   out_fn: Callable, convs: str = "auto") -> Any:
     """Apply the model (inference mode) to ``images`` in fixed-size batches under ``lax.map``.
 
     Pads the tail batch so every batch has the same shape; ``out_fn(logits)`` is
-    applied per batch and the padding is cut off again.
+    applied per batch and the padding is cut off again. ``convs`` as in :class:`StepOptions`.
     """
     n = images.shape[0]
     steps, pad = _pad_to_batches(n, batch_size)
     x = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     x = x.reshape(steps, batch_size, *images.shape[1:])
-    out = jax.lax.map(lambda b: out_fn(_apply(state, _prepare(b), train=False)[0]), x)
+    out = jax.lax.map(lambda b: out_fn(_apply(state, _prepare(b), train=False,
+                                              convs=convs)[0]), x)
     return jax.tree.map(lambda o: o.reshape(steps * batch_size, *o.shape[2:])[:n], out)
 
 
@@ -323,14 +338,15 @@ KERAS_EPSILON = 1e-7
 
 
 def eval_metrics(state: TrainState, images: jax.Array, labels: jax.Array,
-                 batch_size: int = 1000) -> dict[str, jax.Array]:
+                 batch_size: int = 1000, convs: str = "auto") -> dict[str, jax.Array]:
     """Mean cross-entropy loss and accuracy of ``state`` on a whole labelled set.
 
     ``loss`` is the exact cross-entropy; ``keras_loss`` is the figure Keras'
     ``evaluate`` reports, with probabilities clipped to [1e-7, 1 - 1e-7] (so no
-    example counts more than -log 1e-7 = 16.1).
+    example counts more than -log 1e-7 = 16.1). ``convs`` as in :class:`StepOptions`.
     """
-    logits = _batched_apply(state, images, batch_size, lambda lg: lg.astype(jnp.float32))
+    logits = _batched_apply(state, images, batch_size, lambda lg: lg.astype(jnp.float32),
+                            convs)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     p_true = jnp.take_along_axis(jax.nn.softmax(logits, -1), labels[:, None], -1)[:, 0]
     keras = -jnp.log(jnp.clip(p_true, KERAS_EPSILON, 1.0 - KERAS_EPSILON))
@@ -338,10 +354,12 @@ def eval_metrics(state: TrainState, images: jax.Array, labels: jax.Array,
             "keras_loss": keras.mean()}
 
 
-def predict_probs(state: TrainState, images: jax.Array, batch_size: int = 1000) -> jax.Array:
-    """Softmax class probabilities (N, 10) for uint8 images (N, 28, 28)."""
+def predict_probs(state: TrainState, images: jax.Array, batch_size: int = 1000,
+                  convs: str = "auto") -> jax.Array:
+    """Softmax class probabilities (N, 10) for uint8 images (N, 28, 28) (``convs`` as in
+    :class:`StepOptions`)."""
     return _batched_apply(state, images, batch_size,
-                          lambda lg: jax.nn.softmax(lg.astype(jnp.float32), -1))
+                          lambda lg: jax.nn.softmax(lg.astype(jnp.float32), -1), convs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,7 +438,8 @@ def compile_fns(batch_size: int, num_models: int,
     compile with :func:`loop_emitter_options`, the epoch too if ``epoch_loop_emitters``."""
     epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding,
                               options=options)
-    evaluate, predict = eval_metrics, predict_probs
+    evaluate = functools.partial(eval_metrics, convs=options.convs)
+    predict = functools.partial(predict_probs, convs=options.convs)
     if num_models > 1:
         axis = model_axis or default_model_axis()
         epoch = over_models(epoch, 2, axis)

@@ -34,7 +34,7 @@ from bench import parse_timing_args, script_header, write_result_files  # noqa: 
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.data import TRAIN_EXAMPLES, training_count  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
-from mnist_jax.training import run_steps  # noqa: E402
+from mnist_jax.training import StepOptions, create_train_state, run_steps  # noqa: E402
 import resnet_seeds as rs  # noqa: E402  (scripts/)
 
 # 60,000 less a validation split of 0.1 (54,000), as the best recipe's runs
@@ -58,7 +58,7 @@ def contenders() -> dict[str, dict[str, Any]]:
         "RecordResNet (resnet_seeds.py --net record)": {
             "model": rs.RecordResNet(),
             "tx": rs.make_optimizer(rec["lr"], schedule_steps, rec["warmup"]),
-            "options": mj.StepOptions(augment=mj.AugmentSpec.parse(rec["augment"])),
+            "options": StepOptions(augment=mj.AugmentSpec.parse(rec["augment"])),
             "batch": rec["batch_size"], "epochs": rec["epochs"], "call_steps": 1},
     }
 
@@ -68,7 +68,7 @@ def measure(steps: int, rounds: int) -> dict[str, Any]:
     runs = {}
     for name, c in contenders().items():
         n = c["call_steps"] * steps
-        state = mj.create_train_state(c["model"], c["tx"], 0)
+        state = create_train_state(c["model"], c["tx"], 0)
         x = jnp.asarray(rng.integers(0, 256, (n, c["batch"], 28, 28), dtype=np.uint8))
         y = jnp.asarray(rng.integers(0, 10, (n, c["batch"])), jnp.int32)
         t = time.perf_counter()

@@ -8,12 +8,14 @@ except in the one test that reads the real test set. ONNX needs the ``export`` e
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ from mnist_jax import cli
 from mnist_jax import export as export_lib
 from mnist_jax.data import synthetic_digits
 from mnist_jax.errors import DataError, UsageError
-from mnist_jax.usermodel import build_user_model
+from mnist_jax.usermodel import build_user_model, load_model_class
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 FORMATS = ("onnx", "stablehlo")
@@ -45,20 +47,14 @@ class Net(nnx.Module):
         return self.out(self.dropout(x.reshape(x.shape[0], -1))).astype(jnp.float32)
 """
 
-CALLBACK_NET = """
-import flax.linen as nn
-import jax
-import numpy as np
+class CallbackMLP(mj.MLP):
+    """The MLP, calling a host function at inference: Python called from the program,
+    which neither format can hold."""
 
+    def __call__(self, x, *, train: bool):
+        x = super().__call__(x, train=train)
+        return jax.pure_callback(np.negative, jax.ShapeDtypeStruct(x.shape, x.dtype), -x)
 
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Dense(10)(x.reshape(x.shape[0], -1))
-        if not train:  # a host function at inference: Python called from the program
-            x = jax.pure_callback(np.negative, jax.ShapeDtypeStruct(x.shape, x.dtype), -x)
-        return x
-"""
 
 # model name -> (--model, --model-args, seeds)
 RUNS = {
@@ -66,16 +62,15 @@ RUNS = {
     "cnn": ("cnn", '{"features": [4, 8], "dense": [16]}', (0,)),
     "bncnn": ("bncnn", '{"features": [4, 8], "pool_after": [true, true], "dense": 16}', (0,)),
     "linen": (f"{ASSETS / 'net.py'}:Net", '{"features": [4], "hidden": 16}', (0,)),
-    "nnx": ("NNX", '{"features": 4}', (0,)),
-    "callback": ("CALLBACK", None, (0,)),
+    "nnx": ("NNX", None, (0,)),
 }
 
 
 def _model(spec: str, args: str | None, folder: Path):
-    if spec in ("NNX", "CALLBACK"):
-        path = folder / f"{spec.lower()}_net.py"
-        path.write_text(textwrap.dedent(NNX_NET if spec == "NNX" else CALLBACK_NET))
-        return build_user_model(f"{path}:Net", args)
+    if spec == "NNX":  # the class, as an NNX user passes it (mj.fit(..., model=Net))
+        path = folder / "nnx_net.py"
+        path.write_text(textwrap.dedent(NNX_NET))
+        return functools.partial(load_model_class(f"{path}:Net"), features=4)
     if ":" in spec:
         return build_user_model(spec, args)
     return None
@@ -252,7 +247,7 @@ def _one_error(err: str, *words: str) -> None:
 
 
 @pytest.mark.realdata
-def test_the_cli_checks_the_file_on_the_10000_test_digits(runs, mnist_dir, capsys):
+def test_the_cli_checks_the_file_on_the_10000_test_digits(runs, mnist, mnist_dir, capsys):
     code, out, err = _cli(capsys, str(runs["mlp"]), "--format", "stablehlo", "--data-dir",
                           str(mnist_dir))
     assert code == 0, err
@@ -275,10 +270,13 @@ def test_without_data_the_cli_checks_synthetic_digits_and_says_so(runs, tmp_path
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_op_the_format_cannot_express_is_one_line_exit_2_and_no_file(fmt, runs, tmp_path,
-                                                                        capsys):
+                                                                        capsys, monkeypatch):
     _needs(fmt)
+    from mnist_jax import lifecycle
+    callback = lifecycle.load_run(runs["mlp"], model=CallbackMLP(hidden=(32,)))
+    monkeypatch.setattr(lifecycle, "load_run", lambda run_dir: callback)
     out_file = tmp_path / f"x.{fmt}"
-    code, _, err = _cli(capsys, str(runs["callback"]), "--format", fmt, "--out", str(out_file),
+    code, _, err = _cli(capsys, str(runs["mlp"]), "--format", fmt, "--out", str(out_file),
                         "--data-dir", str(tmp_path))
     assert code == 2
     _one_error(err, "pure_callback", fmt)

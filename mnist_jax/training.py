@@ -322,12 +322,15 @@ def _batched_apply(state: TrainState, images: jax.Array, batch_size: int,
     """Apply the model (inference mode) to ``images`` in fixed-size batches under ``lax.map``.
 
     Pads the tail batch so every batch has the same shape; ``out_fn(logits)`` is
-    applied per batch and the padding is cut off again. ``convs`` as in :class:`StepOptions`.
-    """
+    applied per batch and the padding is cut off again. ``convs`` as in :class:`StepOptions`,
+    except that "auto" leaves inference to XLA's convolutions (only "fast" rewrites them)."""
     n = images.shape[0]
     steps, pad = _pad_to_batches(n, batch_size)
     x = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     x = x.reshape(steps, batch_size, *images.shape[1:])
+    # "auto" keeps XLA's convolutions for inference, as the preset CNNs do: without
+    # gradients XLA:CPU's conv is as fast as the rewrite or faster (docs/cpu-convolutions.md)
+    convs = "xla" if convs == "auto" else convs
     out = jax.lax.map(lambda b: out_fn(_apply(state, _prepare(b), train=False,
                                               convs=convs)[0]), x)
     return jax.tree.map(lambda o: o.reshape(steps * batch_size, *o.shape[2:])[:n], out)
@@ -416,11 +419,11 @@ def over_models(fn: Callable, n_shared: int, model_axis: str) -> Callable:
 
 CPU_LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 """XLA:CPU's older loop emitters instead of its MLIR fusion emitters. They compile a
-program in 40-70% of the time and gave the same bits for every program checked
-(tests/test_training.py), but run elementwise-heavy steps slower (the MLP's epoch: 48%
-slower). So they compile a run's one-off programs (initialisation, evaluation, prediction)
-and, of the training epochs, only the channel-major conv stack's (the speedrun's smallcnn:
-~8% faster steps, 2 s less compilation)."""
+program in a fraction of the time and gave the same bits for every program checked
+(tests/test_training.py), but run elementwise-heavy steps slower (the MLP's epoch). So they
+compile a run's one-off programs (initialisation, evaluation, prediction) and, of the
+training epochs, only the channel-major conv stack's (the speedrun's smallcnn, whose steps
+they make faster). Figures: the docs' Benchmarks page."""
 
 
 def loop_emitter_options(platform: str | None = None) -> dict[str, Any] | None:

@@ -56,6 +56,8 @@ DEFAULT_MAX_WAIT = 0.002
 for requests sent together to meet, short beside a compiled call."""
 _QUEUE_LIMIT = 4096  # requests waiting beyond this are refused (503): bounded memory
 _FIELD = 28
+_INLINE_JSON = 65_536  # a 28x28 pixels object is ~10 KB: parsed in the event loop, where a
+# hop to a worker thread would cost more than the parse; larger bodies do not block the loop
 
 
 class BadRequest(Exception):
@@ -368,7 +370,9 @@ def create_app(predictor: Predictor, info: RunInfo, *, max_body: int = DEFAULT_M
         try:
             kind = _body_kind(request.headers.get("content-type", ""))
             body = await _read_body(request, max_body)
-            if kind == "json":
+            if kind == "json" and len(body) <= _INLINE_JSON:
+                image = parse_pixels(body)
+            elif kind == "json":
                 image = await run_in_threadpool(parse_pixels, body)
             else:
                 image = await run_in_threadpool(decode_image, body, scratch)

@@ -9,6 +9,7 @@ except in the one test that reads the real test set. ONNX needs the ``export`` e
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import pytest
 
 import mnist_jax as mj
 from mnist_jax import cli
-from mnist_jax import export as export_lib
 from mnist_jax.data import synthetic_digits
 from mnist_jax.errors import DataError, UsageError
 from mnist_jax.usermodel import build_user_model, load_model_class
+
+# the module (mnist_jax.export, the attribute, is its function)
+export_lib = importlib.import_module("mnist_jax.export")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 FORMATS = ("onnx", "stablehlo")

@@ -31,6 +31,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -504,6 +505,14 @@ def start_server(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 0,
     return ServerHandle(_url(sock, host), predictor, info, server, thread, scratch)
 
 
+class _Stopped(Exception):
+    """SIGTERM, after uvicorn's graceful shutdown."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           model_index: int | None = None, ensemble: bool = False,
           max_body: int = DEFAULT_MAX_BODY, log: Callable[[str], None] = print) -> None:
@@ -534,11 +543,18 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
             sys.stdout.flush()
         await task
 
+    # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again for the
+    # previous handler: Python's turns SIGINT into KeyboardInterrupt, ours SIGTERM into
+    # _Stopped (the default would kill the process before the clean-up below).
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
     try:
         asyncio.run(run())
-    except KeyboardInterrupt:  # uvicorn stops on Ctrl-C, then passes the signal on
+    except (KeyboardInterrupt, _Stopped):
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
         predictor.stop()
         shutil.rmtree(scratch, ignore_errors=True)

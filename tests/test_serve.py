@@ -420,6 +420,21 @@ def test_command_prints_one_ready_line_survives_a_barrage_and_stops_on_ctrl_c(tr
     assert "warning" not in err  # 127.0.0.1: no warning
 
 
+def test_command_stops_cleanly_on_sigterm(trained):
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_jax.cli", "serve", str(trained),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), line
+        assert _request(line.split()[-1], "GET", "/health")[0] == 200
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopped" in err and "Traceback" not in err
+
+
 def test_another_host_is_warned_that_the_api_has_no_authentication():
     assert serve.host_warning("127.0.0.1") is None
     assert serve.host_warning("localhost") is None

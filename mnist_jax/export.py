@@ -295,6 +295,9 @@ def _members(config, model_index: int | None, ensemble: bool) -> list[int]:
     if ensemble:
         if model_index is not None:
             raise UsageError("--model-index and --ensemble exclude each other")
+        if n == 1:
+            raise UsageError("--ensemble needs a run of several models (--seeds 0,1,2); "
+                             "this run trained one")
         return list(range(n))
     i = 0 if model_index is None else model_index
     if not 0 <= i < n:

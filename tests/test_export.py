@@ -330,6 +330,8 @@ def test_bad_requests_are_one_line_with_their_exit_code(runs, tmp_path, capsys):
          "invalid --model-index 2: the run trained 2 model(s), 0..1"),
         ([str(runs["mlp"]), "--format", "stablehlo", "--model-index", "1", "--ensemble"], 2,
          "not allowed with argument"),
+        ([str(runs["cnn"]), "--format", "stablehlo", "--ensemble"], 2,
+         "--ensemble needs a run of several models"),
         ([str(runs["cnn"]), "--format", "stablehlo", "--out", str(a_file / "x.stablehlo")], 2,
          "is a file, not a folder"),
         ([str(runs["cnn"]), "--format", "stablehlo", "--out", str(tmp_path)], 2,

@@ -243,6 +243,11 @@ class Predictor:
         return items
 
     def _run(self, items: list) -> None:
+        # a request whose client went away may be cancelled: skip it (setting a cancelled
+        # future's result raises, and would end this thread)
+        items = [(img, f) for img, f in items if f.set_running_or_notify_cancel()]
+        if not items:
+            return
         futures = [f for _, f in items]
         try:
             probs = self.predict_now(np.stack([img for img, _ in items]))

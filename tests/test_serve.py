@@ -366,6 +366,18 @@ def test_predictor_without_batching_runs_each_request_alone(trained, test_digits
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_cancelled_request_is_skipped_and_the_worker_goes_on(trained, test_digits):
+    predictor = serve.Predictor(mj.load_run(trained).model_state(0), batch_sizes=(1, 4))
+    gone = predictor.submit(test_digits[0][0])  # queued before the worker starts
+    assert gone.cancel()
+    predictor.start()
+    try:
+        kept = predictor.submit(test_digits[0][1]).result(30)
+    finally:
+        predictor.stop()
+    assert kept.shape == (10,) and predictor.stats["images"] == 1
+
+
 # ---------------------------------------------------------------------------------------
 # the command itself
 # ---------------------------------------------------------------------------------------

@@ -83,8 +83,10 @@ def _program_args(words: list[str]) -> tuple[str, list[str]] | None:
 
 
 def _is_synopsis(text: str) -> bool:
-    """A usage line, not a command: placeholders (``[--json]``, ``A|B``, ``…``, ``NAME``)."""
-    return bool(re.search(r"[\[\]…|]|\.\.\.|(^|\s)[A-Z][A-Z_]{2,}(\s|$)", text))
+    """A usage line, not a command: placeholders (``[--json]``, ``A|B``, ``…``, ``NAME``),
+    or prose naming a subcommand (```mnist-jax predict```), which must exist."""
+    return bool(re.search(r"[\[\]…|]|\.\.\.|(^|\s)[A-Z][A-Z_]{2,}(\s|$)", text)
+                or re.fullmatch(r"mnist-jax [a-z][\w-]*", text.strip()))
 
 
 def synopses() -> list[tuple[str, int, str]]:

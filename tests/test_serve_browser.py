@@ -3,7 +3,7 @@
 Headless Chromium (Debian's ``chromium`` and ``chromium-driver`` packages, driven by
 selenium through ``/usr/bin/chromedriver``) loads the page from a server on 127.0.0.1,
 draws a "1" (one vertical stroke, with a mouse) and a "7" (a bar and a diagonal, with a
-pen) through WebDriver pointer actions, and reads the predicted digit from the page. The
+pen, and by touch in a phone-sized window) through WebDriver pointer actions, and reads the predicted digit from the page. The
 model is an MLP trained for one epoch on real MNIST. The browser's console must stay free
 of errors, and the page's Content-Security-Policy forbids anything from elsewhere, so an
 external asset would show up there too.
@@ -147,4 +147,10 @@ def test_upload_button_predicts_a_file_on_a_phone_sized_window(server, browser, 
     Image.fromarray(paper).save(path)
     browser.find_element(By.ID, "file").send_keys(str(path))
     assert _prediction_after(browser, 1) == 1
+    # a finger on the phone: a "7" drawn by touch
+    browser.find_element(By.ID, "clear").click()
+    _stroke(browser, canvas, [(-0.45, -0.55), (0.45, -0.55), (-0.1, 0.6)],
+            kind=interaction.POINTER_TOUCH)
+    assert _prediction_after(browser, 2) == 7
+    assert browser.execute_script("return window.scrollY") == 0  # the stroke did not scroll
     assert _errors(browser) == []

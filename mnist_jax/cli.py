@@ -496,8 +496,8 @@ def exit_now(code: int) -> NoReturn:
     are shut down and other (non-daemon) threads joined, the ``atexit`` handlers run (log
     and TensorBoard flushes, JAX's pending effects, temporary folders), the standard
     streams are flushed. What is skipped is the interpreter freeing its modules and XLA's
-    client one object at a time: after a training run on the 2-core CPU that took
-    0.7-0.9 s and writes nothing. Every file of a command is complete and closed before
+    client one object at a time: after a training run that takes most of a second and
+    writes nothing. Every file of a command is complete and closed before
     ``main`` returns.
     """
     # The first two steps of Py_FinalizeEx, by the functions it calls (private, no public

@@ -37,11 +37,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Towards the single-model records (99.64-99.74%): a BatchNorm CNN trained on
     # augmented digits (random affine drawn on the device), label smoothing, one-cycle
     # Adam; its settings follow cdeotte/MNIST-CNN-99.75's augmentation and BatchNorm,
-    # checked on a 6,000-image validation split (README: Results), never on the test set.
-    # 12 epochs: planned as the most that fits #13's 15 minutes per seed on the 2-core
-    # CPU; measured ~16 on the AVX-512 EPYC, 12.4 on a Zen 3 EPYC (README: Results).
+    # checked on a 6,000-image validation split (docs: Results), never on the test set.
+    # 12 epochs: planned as the most that fits a budget of 15 minutes per seed on a small
+    # CPU (the docs' Results page gives the minutes measured).
     # Less dropout than bncnn's (cdeotte's 0.25 / 0.4, set for 45 epochs): adopted on fresh
-    # validation seeds by a rule fixed before they ran (README: "Less dropout").
+    # validation seeds by a rule fixed before they ran (the docs' Experiments page).
     "best": {"model": "bncnn", "model_args": '{"conv_dropout": 0.1, "dense_dropout": 0.2}',
              "epochs": 12, "batch_size": 128, "learning_rates": (3e-3,),
              "adam_eps": 1e-8, "lr_schedule": "onecycle", "warmup": 0.2,

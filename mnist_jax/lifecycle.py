@@ -127,120 +127,183 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     start, :class:`mnist_jax.run.TrainingDiverged` on a non-finite loss,
     :class:`TrainingInterrupted` after a Ctrl-C (the completed epochs saved).
     """
-    from mnist_jax.summary import summary as model_summary
-    from mnist_jax.checkpoint import Checkpointer, save_params
-    from mnist_jax.progress import EpochProgress
-    from mnist_jax.run import (StateInit, TrainingDiverged, build_model, check_training_fits,
-                               device_description, fit, predict, step_options,
-                               summarize_models)
-    from mnist_jax.training import unstack_state
+    from mnist_jax.run import build_model, plan_run
 
     t_start = time.perf_counter()
-    multi = jax.process_count() > 1
-    primary = parallel.is_primary()
-    config = config.validate()
-    if model is not None:
-        from mnist_jax.usermodel import as_model
-        model = as_model(model, config.num_models)
-    config = _record_run(config, model, optimizer)
+    config, model = _settle(config, model, optimizer)
     out = Path(out) if out is not None else default_run_dir(config)
-    if primary:  # refusals first: nothing is loaded, written or deleted before them
-        RunDir.check_for_training(out, resume=resume, overwrite=overwrite)
-        if resume and (out / "config.json").is_file():
-            check_resume_config(RunDir(out).read_config(), config)
-
+    if parallel.is_primary():  # refusals first: nothing is loaded, written or deleted before
+        _refuse(config, out, resume=resume, overwrite=overwrite)
     model = model if model is not None else build_model(config)  # a bad --model: exit 2 now
     if dataset is None:
         dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     log(f"{dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} "
         f"test images ({dataset.source}, {dataset.load_seconds:.2f} s)")
-    init = StateInit(config, len(dataset.train_labels), model=model, optimizer=optimizer)
-    options = step_options(config, loss)
-    # Batch size vs data and devices, memory: still before the run folder is touched
-    # (an --overwrite'n run survives a refused one); compiles the epoch program fit runs,
-    # from the state's shapes, in a thread while this one makes the state (XLA compiles
-    # without the GIL: the two overlap on a CPU's cores).
+    plan = plan_run(config, dataset, loss, validate=False)
+    fresh, fits = _fresh_state(plan, model, optimizer, log)
+    run = (RunDir.for_training(out, resume=resume, overwrite=overwrite) if parallel.is_primary()
+           else _FollowerRun(out))  # only process 0 writes the run folder
+    recorder = _Recorder(run, config, progress)
+    state, history = recorder.restore(fresh, resume, log)
+    base = {"config": config.to_dict(), "device": _device(),
+            "memory": {k: fits[k] for k in ("needed_bytes", "available_bytes", "memory_source")}}
+    result = recorder.fit(plan, base, model=model, optimizer=optimizer, state=state,
+                          history=history)
+    return _finish(run, result, fits, base, t_start)
+
+
+def _settle(config: TrainConfig, model, optimizer) -> tuple[TrainConfig, Any]:
+    """The validated config as ``config.json`` records it, and the model to train in
+    linen's shape (None: the one the config names)."""
+    config = config.validate()
+    if model is not None:
+        from mnist_jax.usermodel import as_model
+        model = as_model(model, config.num_models)
+    return _record_run(config, model, optimizer), model
+
+
+def _refuse(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that holds a run (without ``resume``/``overwrite``), or a
+    resumed run whose flags differ from the saved ones."""
+    RunDir.check_for_training(out, resume=resume, overwrite=overwrite)
+    if resume and (out / "config.json").is_file():
+        check_resume_config(RunDir(out).read_config(), config)
+
+
+def _fresh_state(plan, model, optimizer, log: Callable[[str], None]) -> tuple[Any, dict]:
+    """The fresh state(s) and :func:`~mnist_jax.run.check_training_fits`'s figures.
+
+    Batch size vs data and devices, memory: still before the run folder is touched (an
+    ``--overwrite``'n run survives a refused one). The check compiles the epoch program fit
+    runs, from the state's shapes, in a thread while this one makes the state (XLA
+    compiles without the GIL: the two overlap on a CPU's cores).
+    """
+    from mnist_jax.run import StateInit, check_training_fits
+    from mnist_jax.summary import summary as model_summary
+
+    init = StateInit(plan.config, len(plan.dataset.train_labels), model=model,
+                     optimizer=optimizer)
     with ThreadPoolExecutor(1, thread_name_prefix="mnist-jax-compile") as pool:
-        fits = pool.submit(check_training_fits, config, dataset, init.shapes(), options)
+        fits = pool.submit(check_training_fits, plan, None, init.shapes())
         log(model_summary(model))
         fresh = init()
-        fits = fits.result()
-    run = (RunDir.for_training(out, resume=resume, overwrite=overwrite) if primary
-           else _FollowerRun(out))  # only process 0 writes the run folder
+        return fresh, fits.result()
 
-    ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
-                         every=config.checkpoint_every)
-            if config.checkpoint_every and primary else None)
-    state, history = fresh, []
-    if resume and ckpt is not None:
-        restored = ckpt.restore(fresh)
-        if restored is not None:
-            epoch, state, meta = restored
-            history = list(meta.get("history", []))[:epoch]
-            log(f"resuming from the checkpoint of epoch {epoch}")
-    if multi and resume:  # process 0's restored (or fresh) state, on every process
-        from jax.experimental import multihost_utils
-        state = multihost_utils.broadcast_one_to_all(state)
-    run.write_config(config)
-    run.write_metrics(history)
-    tb = _Tensorboard(run.path / "tb", config) if primary else None
 
-    rows = list(history)
-    last: dict[str, Any] = {}
-    bar = EpochProgress(config.epochs, initial=len(history), disable=not (progress and primary))
-    bar.set_compiling()
-    stop = _GracefulStop()
+def _device() -> dict[str, Any]:
+    from mnist_jax.run import device_description
+    return device_description()
 
-    def meta() -> dict[str, Any]:
-        return {"epoch": len(rows), "history": rows, "config": config.to_dict()}
 
-    def on_epoch(epoch: int, state, row: dict) -> None:
-        rows.append(row)
-        last.update(epoch=epoch, state=state)
-        if ckpt is not None:
-            saved = jax.device_get(state) if multi else state  # host copy: process 0 alone writes
-            ckpt.save(epoch, saved, meta())
-        run.append_metrics(row)
-        if tb is not None:
-            tb.log(row)
-        bar.update(epoch, row_text(row), row["epoch_seconds"])
-        if stop.requested:  # Ctrl-C: this epoch is saved, stop here
+class _Recorder:
+    """What happens around every epoch of a run: checkpoints, ``metrics.jsonl``, TensorBoard,
+    the progress bar and a graceful Ctrl-C; and the run's ``results.json`` when training
+    diverges, is interrupted or loses a process."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, progress: bool):
+        from mnist_jax.checkpoint import Checkpointer
+
+        self.run, self.config = run, config
+        self.multi, primary = jax.process_count() > 1, parallel.is_primary()
+        self.progress = progress and primary
+        self.ckpt = (Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
+                                  every=config.checkpoint_every)
+                     if config.checkpoint_every and primary else None)
+        self.tb: _Tensorboard | None = None
+        self.rows: list[dict] = []
+        self.last: dict[str, Any] = {}
+        self.stop = _GracefulStop()
+
+    def restore(self, fresh, resume: bool, log: Callable[[str], None]) -> tuple[Any, list]:
+        """The state to start from (the newest complete checkpoint when resuming, on every
+        process) and its history; the run folder's config and metrics written for it."""
+        state, history = fresh, []
+        if resume and self.ckpt is not None:
+            restored = self.ckpt.restore(fresh)
+            if restored is not None:
+                epoch, state, meta = restored
+                history = list(meta.get("history", []))[:epoch]
+                log(f"resuming from the checkpoint of epoch {epoch}")
+        if self.multi and resume:  # process 0's restored (or fresh) state, on every process
+            from jax.experimental import multihost_utils
+            state = multihost_utils.broadcast_one_to_all(state)
+        self.run.write_config(self.config)
+        self.run.write_metrics(history)
+        self.rows = list(history)
+        return state, history
+
+    def meta(self) -> dict[str, Any]:
+        return {"epoch": len(self.rows), "history": self.rows, "config": self.config.to_dict()}
+
+    def on_epoch(self, epoch: int, state, row: dict) -> None:
+        self.rows.append(row)
+        self.last.update(epoch=epoch, state=state)
+        if self.ckpt is not None:
+            saved = jax.device_get(state) if self.multi else state  # process 0 alone writes
+            self.ckpt.save(epoch, saved, self.meta())
+        self.run.append_metrics(row)
+        if self.tb is not None:
+            self.tb.log(row)
+        self.bar.update(epoch, row_text(row), row["epoch_seconds"])
+        if self.stop.requested:  # Ctrl-C: this epoch is saved, stop here
             raise KeyboardInterrupt
 
-    base = {"config": config.to_dict(), "device": device_description(),
-            "memory": {k: fits[k] for k in ("needed_bytes", "available_bytes", "memory_source")}}
-    try:
-        with stop:
-            result = fit(config, dataset, model=model, optimizer=optimizer, loss=loss,
-                         state=state, history=history, on_epoch=on_epoch)
-    except TrainingDiverged as e:
-        run.write_results(dict(base, status="diverged", error=str(e), epoch=e.epoch, step=e.step,
-                               epochs_completed=len(rows)))
-        raise
-    except KeyboardInterrupt:
-        bar.close()
-        if ckpt is not None and last and ckpt.latest() != last["epoch"]:
-            ckpt.save(last["epoch"], last["state"], meta(), force=True)
-        run.write_results(dict(base, status="interrupted", epochs_completed=len(rows)))
-        raise TrainingInterrupted(f"interrupted after epoch {len(rows)}; continue with "
-                                  "--resume") from None
-    except Exception as e:  # noqa: BLE001 - in a multi-process run: a peer died
-        if not multi or isinstance(e, MnistJaxError):
-            raise
-        run.write_results(dict(base, status="failed", error=f"lost another process: {e}"[:500],
-                               epochs_completed=len(rows)))
-        detail = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise LostProcess(f"process {jax.process_index()} lost contact with the other "
-                          f"processes after {len(rows)} complete epoch(s) ({detail[:300]}); "
-                          "the last complete checkpoint is kept, continue with --resume") from e
-    finally:
-        bar.close()
-        if tb is not None:
-            tb.close()
-        if ckpt is not None:
-            ckpt.close()
+    def fit(self, plan, base: dict[str, Any], **fit_args: Any):
+        """:func:`mnist_jax.fit` of ``plan`` recording every epoch; the run's
+        ``results.json`` says how it ended when it does not complete."""
+        from mnist_jax.progress import EpochProgress
+        from mnist_jax.run import TrainingDiverged, fit
 
-    if primary:
+        if parallel.is_primary():
+            self.tb = _Tensorboard(self.run.path / "tb", self.config)
+        self.bar = EpochProgress(self.config.epochs, initial=len(self.rows),
+                                 disable=not self.progress)
+        self.bar.set_compiling()
+        try:
+            with self.stop:
+                return fit(plan, plan.dataset, on_epoch=self.on_epoch, **fit_args)
+        except TrainingDiverged as e:
+            self._ended(base, "diverged", error=str(e), epoch=e.epoch, step=e.step)
+            raise
+        except KeyboardInterrupt:
+            self.bar.close()
+            if self.ckpt is not None and self.last and self.ckpt.latest() != self.last["epoch"]:
+                self.ckpt.save(self.last["epoch"], self.last["state"], self.meta(), force=True)
+            self._ended(base, "interrupted")
+            raise TrainingInterrupted(f"interrupted after epoch {len(self.rows)}; continue "
+                                      "with --resume") from None
+        except Exception as e:  # noqa: BLE001 - in a multi-process run: a peer died
+            if not self.multi or isinstance(e, MnistJaxError):
+                raise
+            self._ended(base, "failed", error=f"lost another process: {e}"[:500])
+            detail = next((line for line in str(e).splitlines() if line.strip()),
+                          type(e).__name__)
+            raise LostProcess(f"process {jax.process_index()} lost contact with the other "
+                              f"processes after {len(self.rows)} complete epoch(s) "
+                              f"({detail[:300]}); the last complete checkpoint is kept, "
+                              "continue with --resume") from e
+        finally:
+            self.bar.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.ckpt is not None:
+                self.ckpt.close()
+
+    def _ended(self, base: dict[str, Any], status: str, **details: Any) -> None:
+        self.run.write_results(dict(base, status=status, **details,
+                                    epochs_completed=len(self.rows)))
+
+
+def _finish(run: RunDir, result, fits: dict, base: dict[str, Any],
+            t_start: float) -> RunOutcome:
+    """Write the trained variables and ``results.json``; the outcome with the first 30
+    predicted test classes."""
+    from mnist_jax.checkpoint import save_params
+    from mnist_jax.run import predict, summarize_models
+    from mnist_jax.training import unstack_state
+
+    config = result.config
+    if parallel.is_primary():
         save_params(run.params_path, jax.device_get(result.state.variables))
     summary = summarize_models(config, result.test)
     timings = dict(result.timings, total_seconds=time.perf_counter() - t_start)
@@ -249,7 +312,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     run.write_results(dict(base, status="completed", **summary, **timings,
                            epochs_completed=len(result.history)))
     first = result.state if config.num_models == 1 else unstack_state(result.state, 0)
-    # one compiled batch of 30 (op by op, the 1,000-image default batch took 0.8 s)
+    # one compiled batch of 30 (the 1,000-image default batch costs more than it serves)
     classes = predict(first, np.asarray(result.data.test[0][:30]), batch_size=30).argmax(-1)
     return RunOutcome(run.path, result, summary, timings, classes)
 
@@ -313,8 +376,8 @@ def _summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without importing PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors; we
-    log floats. That import is 1.5 s of a 20 s speedrun process on the 2-core CPU, so torch
-    is hidden from it (and only from it: a later ``import torch`` works as usual).
+    log floats. That import is a noticeable part of a short run's process, so torch is
+    hidden from it (and only from it: a later ``import torch`` works as usual).
     """
     if "torch" in sys.modules:  # the user's process has it already: nothing to save
         from tensorboardX import SummaryWriter

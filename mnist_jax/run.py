@@ -146,8 +146,8 @@ class StateInit:
 
     def __call__(self) -> TrainState:
         # One compiled program, not op by op: eager initialisation dispatches hundreds of
-        # small ops (~5 s for the MLP, ~12 s for the CNN on CPU). Every leaf comes out a
-        # device array (step: int32).
+        # small ops, seconds of them on a CPU. Every leaf comes out a device array
+        # (step: int32).
         return self._made(self._create.lower(*self._grid[0]).compile(
             compiler_options=_init_compile_options()))
 
@@ -173,10 +173,9 @@ def init_state(config: TrainConfig, train_examples: int = data_lib.TRAIN_EXAMPLE
 
 def _init_compile_options() -> dict[str, Any] | None:
     """XLA options for the initialisation program. It runs once, and on the CPU LLVM's -O3
-    spends seconds on its random draws (the smallcnn's: 3.9 s at -O3, 1.5 s at -O2; a
-    conv + BatchNorm user net's 7.8 s and 1.3 s) for no gain, and the loop emitters
-    (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`) halve what is left; both give the same
-    bits (checked for the recipes' models by tests/test_training.py)."""
+    spends seconds on its random draws for no gain (-O2 takes a fraction of that), and the
+    loop emitters (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`) shorten what is left;
+    both give the same bits (checked for the recipes' models by tests/test_training.py)."""
     loop = loop_emitter_options()
     return None if loop is None else {"xla_backend_optimization_level": 2, **loop}
 
@@ -189,26 +188,50 @@ def epoch_loop_emitters(state: TrainState) -> bool:
     return isinstance(model, models.CNN) and model.trains_channel_major
 
 
-def _split(dataset: data_lib.Dataset, config: TrainConfig):
-    """(train_x, train_y, val_x, val_y) by Keras' last-fraction rule; the batch must fit."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run decides once, before anything is compiled: its validated config, the
+    step's options, the device mesh and the training data split off from validation
+    (host arrays, by Keras' last-fraction rule). Made by :func:`plan_run`; read by
+    :func:`check_training_fits` and :func:`fit`."""
+
+    config: TrainConfig
+    options: StepOptions
+    mesh: Any
+    dataset: data_lib.Dataset
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+
+
+def plan_run(config: TrainConfig, dataset: data_lib.Dataset | None = None,
+             loss: Callable | None = None, *, validate: bool = True) -> Plan:
+    """Validate ``config`` (unless the caller just did: ``validate=False``) against
+    ``dataset`` (default: loaded as ``config`` says) and the devices: a bad flag, too few
+    devices or a batch larger than the training split is a :class:`UsageError` here,
+    before any compilation."""
+    if validate:
+        config = config.validate()
+    options = step_options(config, loss)
+    if dataset is None:
+        dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    mesh = parallel.make_data_mesh(config.devices)
+    parallel.check_batch_size(config.batch_size, mesh)
     tx, ty, vx, vy = data_lib.validation_split(dataset.train_images, dataset.train_labels,
                                                config.validation_split)
     if config.batch_size > len(tx):
         raise UsageError(f"invalid --batch-size {config.batch_size}: larger than the "
                          f"{len(tx)} training examples")
-    return tx, ty, vx, vy
+    return Plan(config, options, mesh, dataset, (tx, ty), (vx, vy))
 
 
-def put_data(dataset: data_lib.Dataset, config: TrainConfig, mesh) -> DeviceData:
-    """Split off validation data (Keras' last-fraction rule) and put the splits on
-    the devices, replicated: every step gathers its batch there."""
-    tx, ty, vx, vy = _split(dataset, config)
-    put = lambda *a: tuple(parallel.replicate(np.asarray(x), mesh) for x in a)
+def put_data(plan: Plan) -> DeviceData:
+    """The plan's splits on its devices, replicated: every step gathers its batch there."""
+    (tx, ty), (vx, vy), ds = plan.train, plan.val, plan.dataset
+    put = lambda *a: tuple(parallel.replicate(np.asarray(x), plan.mesh) for x in a)
     # Several processes: each feeds its own part of every batch from the host copy.
     train = ((tx, ty.astype(np.int32)) if jax.process_count() > 1
              else put(tx, ty.astype(np.int32)))
-    return DeviceData(train=train,
-                      test=put(dataset.test_images, dataset.test_labels.astype(np.int32)),
+    return DeviceData(train=train, test=put(ds.test_images, ds.test_labels.astype(np.int32)),
                       val=put(vx, vy.astype(np.int32)) if len(vx) else None)
 
 
@@ -257,7 +280,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB ({n:,} bytes)"
 
 
-def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
+def check_training_fits(config: TrainConfig | Plan, dataset: data_lib.Dataset | None = None,
                         state: TrainState | None = None,
                         options: StepOptions | None = None) -> dict[str, Any]:
     """Refuse, before anything is trained or written, a run that cannot start.
@@ -267,17 +290,18 @@ def check_training_fits(config: TrainConfig, dataset: data_lib.Dataset,
     memory the compiled epoch program needs (XLA's ``memory_analysis()``: arguments —
     train state and data —, outputs and temporaries such as the activations of a batch,
     plus the test/validation arrays) against :func:`available_memory`. Raises UsageError
-    stating needed and available bytes. ``state`` may be the arrays or only their shapes
-    (:meth:`StateInit.shapes`: the program compiles while the arrays are made). Compiling
-    here costs nothing extra: ``fit`` with that state (and step ``options``) reuses the
-    program. Returns ``{"needed_bytes", "available_bytes", "memory_source",
-    "compile_seconds"}``.
+    stating needed and available bytes. ``config`` may be a :class:`Plan` already made
+    (then ``dataset`` and ``options`` are the plan's). ``state`` may be the arrays or only
+    their shapes (:meth:`StateInit.shapes`: the program compiles while the arrays are
+    made). Compiling here costs nothing extra: ``fit`` with that state (and step
+    ``options``) reuses the program. Returns ``{"needed_bytes", "available_bytes",
+    "memory_source", "compile_seconds"}``.
     """
-    config = config.validate()
-    options = options if options is not None else step_options(config)
-    mesh = parallel.make_data_mesh(config.devices)
-    parallel.check_batch_size(config.batch_size, mesh)
-    tx, ty, vx, vy = _split(dataset, config)
+    plan = config if isinstance(config, Plan) else plan_run(config, dataset)
+    if options is not None:
+        plan = dataclasses.replace(plan, options=options)
+    config, options, mesh, dataset = plan.config, plan.options, plan.mesh, plan.dataset
+    (tx, ty), (vx, vy) = plan.train, plan.val
     info: dict[str, Any] = {"needed_bytes": None, "available_bytes": None,
                             "memory_source": None, "compile_seconds": 0.0}
     if jax.process_count() > 1:  # each process feeds its part of the batch: not estimated
@@ -322,7 +346,7 @@ def model_name(config: TrainConfig) -> str:
     return config.model if config.is_builtin_model else config.model.rpartition(":")[2]
 
 
-def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
+def fit(config: TrainConfig | Plan, dataset: data_lib.Dataset | None = None, *,
         model=None, optimizer=None, loss: Callable | None = None,
         state: TrainState | None = None, history: Sequence[dict] = (),
         on_epoch: Callable[[int, TrainState, dict], None] | None = None) -> FitResult:
@@ -333,84 +357,118 @@ def fit(config: TrainConfig, dataset: data_lib.Dataset | None = None, *,
     its class, or any callable called as ``f(rngs=nnx.Rngs(key))``, builds one model per
     seed and learning rate inside the compiled program; an instance trains as one model
     from its own weights. Either takes float32 images (B, 28, 28) in [0, 1] and returns
-    logits (B, 10). ``optimizer`` (any
-    ``optax.GradientTransformation``) and ``loss`` (``loss(logits, labels)`` → per-example
-    losses) replace what ``config`` describes; every seed of ``config.seeds`` trains its
-    own copy in the one compiled program. ``on_epoch(epoch, state, row)`` is called after
-    every epoch with the 1-based epoch number, the new state and the metrics row (what
-    ``metrics.jsonl`` holds). Without a validation split every row also holds the test
-    loss and accuracy (the Keras tutorial's ``validation_data`` is the test set); with
+    logits (B, 10). ``optimizer`` (any ``optax.GradientTransformation``) and ``loss``
+    (``loss(logits, labels)`` → per-example losses) replace what ``config`` describes;
+    every seed of ``config.seeds`` trains its own copy in the one compiled program.
+    ``config`` may be a :class:`Plan` already made (:func:`plan_run`: its dataset and loss
+    are then the plan's). ``on_epoch(epoch, state, row)`` is called after every epoch with
+    the 1-based epoch number, the new state and the metrics row (what ``metrics.jsonl``
+    holds). Without a validation split every row also holds the test loss and accuracy
+    (the Keras tutorial's ``validation_data`` is the test set); with
     ``config.validation_split`` the rows hold the validation figures and the test set is
     read once, after the last epoch (only that row has them), so nothing during training
     looks at it. Raises :class:`TrainingDiverged` (carrying the last good state) on a
     non-finite loss.
     """
-    config = config.validate()
-    options = step_options(config, loss)
     t_start = time.perf_counter()
-    if dataset is None:
-        dataset = data_lib.load_dataset(config.dataset, config.data_dir)
-    mesh = parallel.make_data_mesh(config.devices)
-    parallel.check_batch_size(config.batch_size, mesh)
-    dev = put_data(dataset, config, mesh)
-    n_train = dev.train[0].shape[0]
-    steps = n_train // config.batch_size
-
+    plan = config if isinstance(config, Plan) else plan_run(config, dataset, loss)
+    config = plan.config
+    dev = put_data(plan)
     if state is None:
-        state = init_state(config, len(dataset.train_labels), model=model, optimizer=optimizer)
-    state = parallel.replicate(state, mesh)
-    fns = _run_fns(config, mesh, options, state)
+        state = init_state(config, len(plan.dataset.train_labels), model=model,
+                           optimizer=optimizer)
+    state = parallel.replicate(state, plan.mesh)
+    programs = _compile(plan, state, dev)
+    history = list(history)
+    steps = dev.train[0].shape[0] // config.batch_size
+    epoch_seconds: list[float] = []
+    te = None  # the newest test figures
+    for epoch in range(state_step(state) // steps + 1, config.epochs + 1):
+        state, row, te = _train_epoch(plan, programs, state, dev, epoch)
+        history.append(row)
+        epoch_seconds.append(row["epoch_seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch, state, row)
+
+    test = _test_figures(config, programs, state, dev, te)
+    timings = {"compile_seconds": programs.train_seconds + programs.eval_seconds,
+               "train_compile_seconds": programs.train_seconds,
+               "epoch_seconds": epoch_seconds, "data_seconds": plan.dataset.load_seconds,
+               "fit_seconds": time.perf_counter() - t_start}
+    return FitResult(config, state, history, test, timings, programs.fns, dev)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    """The compiled programs of one fit and the seconds their compilation took."""
+
+    fns: CompiledFns
+    epoch: Callable
+    test: Callable
+    val: Callable | None
+    train_seconds: float
+    eval_seconds: float
+
+
+def _compile(plan: Plan, state: TrainState, dev: DeviceData) -> _Programs:
+    """Compile the epoch (the one :func:`check_training_fits` compiled, if it ran) and the
+    evaluation for ``state``'s shapes."""
+    fns = _run_fns(plan.config, plan.mesh, plan.options, state)
     if jax.process_count() > 1:  # same program, batches assembled from every process
-        epoch_fn = parallel.ProcessLocalEpoch(mesh, config.batch_size, config.num_models,
-                                              options)
+        epoch_fn = parallel.ProcessLocalEpoch(plan.mesh, plan.config.batch_size,
+                                              plan.config.num_models, plan.options)
         c_train = epoch_fn.compile(state, *dev.train)
     else:
         epoch_fn, c_train = _timed_compile(fns.train_epoch, state, *dev.train)
     eval_fn, c_eval = _timed_compile(fns.evaluate, state, *dev.test)
     val_fn = _timed_compile(fns.evaluate, state, *dev.val)[0] if dev.val else None
+    return _Programs(fns, epoch_fn, eval_fn, val_fn, c_train, c_eval)
 
-    history = list(history)
-    start_epoch = state_step(state) // steps
-    epoch_seconds: list[float] = []
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        t = time.perf_counter()
-        new_state, m = epoch_fn(state, *dev.train)
-        m = to_host(m)
-        seconds = time.perf_counter() - t
-        bad = [s for s in np.ravel(m.first_bad_step) if s >= 0]
-        if bad:
-            raise TrainingDiverged(epoch, int(min(bad)), state)
-        state = new_state
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy,
-                               f"train_loss{CURVE_SUFFIX}": m.loss_curve,
-                               f"train_accuracy{CURVE_SUFFIX}": m.accuracy_curve}
-        if val_fn is not None:
-            v = to_host(val_fn(state, *dev.val))
-            row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-        if val_fn is None or epoch == config.epochs:
-            te = to_host(eval_fn(state, *dev.test))
-            row.update(test_loss=te["loss"], test_accuracy=te["accuracy"])
-        row["epoch_seconds"] = seconds
-        parallel.assert_same_on_all_processes(
-            {k: np.asarray(v, np.float64) for k, v in row.items() if "loss" in k or "acc" in k},
-            f"epoch {epoch} metrics")
-        if config.num_models > 1:
-            row["models"] = config.model_grid()
-        history.append(row)
-        epoch_seconds.append(seconds)
-        if on_epoch is not None:
-            on_epoch(epoch, state, row)
 
-    if not epoch_seconds:  # nothing left to train (a finished run resumed): evaluate once
-        te = to_host(eval_fn(state, *dev.test))
+def _train_epoch(plan: Plan, programs: _Programs, state: TrainState, dev: DeviceData,
+                 epoch: int) -> tuple[TrainState, dict[str, Any], dict[str, Any] | None]:
+    """One compiled epoch, then its metrics row (validation after every epoch, the test
+    set after every epoch without a validation split, else after the last) and the test
+    figures when it read the test set."""
+    config = plan.config
+    t = time.perf_counter()
+    new_state, m = programs.epoch(state, *dev.train)
+    m = to_host(m)
+    seconds = time.perf_counter() - t
+    bad = [s for s in np.ravel(m.first_bad_step) if s >= 0]
+    if bad:
+        raise TrainingDiverged(epoch, int(min(bad)), state)
+    state = new_state
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": m.loss, "train_accuracy": m.accuracy,
+                           f"train_loss{CURVE_SUFFIX}": m.loss_curve,
+                           f"train_accuracy{CURVE_SUFFIX}": m.accuracy_curve}
+    if programs.val is not None:
+        v = to_host(programs.val(state, *dev.val))
+        row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+    te = None
+    if programs.val is None or epoch == config.epochs:
+        te = to_host(programs.test(state, *dev.test))
+        row.update(test_loss=te["loss"], test_accuracy=te["accuracy"])
+    row["epoch_seconds"] = seconds
+    parallel.assert_same_on_all_processes(
+        {k: np.asarray(v, np.float64) for k, v in row.items() if "loss" in k or "acc" in k},
+        f"epoch {epoch} metrics")
+    if config.num_models > 1:
+        row["models"] = config.model_grid()
+    return state, row, te
+
+
+def _test_figures(config: TrainConfig, programs: _Programs, state: TrainState,
+                  dev: DeviceData, te: dict[str, Any] | None) -> dict[str, Any]:
+    """The final test figures: the last epoch's ``te``, or one evaluation when nothing was
+    left to train (a finished run resumed); the ensemble's accuracy for several models."""
+    if te is None:
+        te = to_host(programs.test(state, *dev.test))
     test = {"loss": te["loss"], "accuracy": te["accuracy"], "keras_loss": te["keras_loss"]}
     if config.num_models > 1:
-        test["ensemble_accuracy"] = ensemble_accuracy(fns.predict(state, dev.test[0]),
+        test["ensemble_accuracy"] = ensemble_accuracy(programs.fns.predict(state, dev.test[0]),
                                                       dev.test[1])
-    timings = {"compile_seconds": c_train + c_eval, "train_compile_seconds": c_train,
-               "epoch_seconds": epoch_seconds, "data_seconds": dataset.load_seconds,
-               "fit_seconds": time.perf_counter() - t_start}
-    return FitResult(config, state, history, test, timings, fns, dev)
+    return test
 
 
 def ensemble_accuracy(probs: jax.Array, labels: jax.Array) -> float:

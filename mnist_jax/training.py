@@ -167,15 +167,6 @@ def injected_hyperparams(opt_state: Any) -> dict[str, jax.Array] | None:
     return found[0].hyperparams if found else None
 
 
-def adam_hyperparams(opt_state) -> dict[str, jax.Array]:
-    """The injected hyperparameters (``learning_rate``, ``eps``, …) of an optimizer state
-    from :func:`make_optimizer`, with or without a schedule."""
-    hp = injected_hyperparams(opt_state)
-    if hp is None:
-        raise ValueError("the optimizer state has no injected hyperparameters")
-    return hp
-
-
 def exposes_learning_rate(tx: optax.GradientTransformation) -> bool:
     """Whether ``tx``'s state carries an injected ``learning_rate`` that a sweep can set."""
     hp = injected_hyperparams(jax.eval_shape(tx.init, {"w": jnp.zeros(())}))

@@ -15,8 +15,9 @@ from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
 from mnist_jax.run import (StateInit, TrainingDiverged, build_model, build_optimizer,
                            check_training_fits, epoch_loop_emitters, fit, init_state)
-from mnist_jax.training import (CURVE_POINTS, adam_hyperparams, compile_fns, create_train_state,
-                                epoch_permutation, eval_metrics, make_optimizer, predict_probs,
+from mnist_jax.training import (CURVE_POINTS, compile_fns, create_train_state,
+                                epoch_permutation, eval_metrics, injected_hyperparams,
+                                make_optimizer, predict_probs,
                                 stack_states, train_epoch, train_step, unstack_state)
 
 
@@ -282,5 +283,5 @@ def test_fit_runs_the_epoch_compiled_from_the_state_shapes(seeds):
 def test_init_state_stacks_one_state_per_seed_and_rate():
     state = init_state(TrainConfig(seeds=(0, 1, 2), learning_rates=(1e-3, 1e-4), hidden=(8,)))
     assert state.step.shape == (6,)
-    lrs = np.asarray(adam_hyperparams(state.opt_state)["learning_rate"])
+    lrs = np.asarray(injected_hyperparams(state.opt_state)["learning_rate"])
     np.testing.assert_allclose(lrs, [1e-3, 1e-4] * 3, rtol=1e-6)

@@ -99,3 +99,69 @@ def test_record_net_has_the_record_shape_and_batchnorm_statistics(digits):
     np.testing.assert_allclose(narrow.apply(variables, x[:1], train=False),
                                narrow.apply(variables, x, train=False)[:1],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_tutorial_net_is_the_cnn_of_flax_s_nnx_tutorial():
+    """Conv 1→32 and 32→64 (3x3), BatchNorm 32 and 64, Linear 3136→256→10: 824,650
+    trainable parameters; the tutorial's adamw(0.005, 0.9) and batch 32 in the config."""
+    from flax import nnx
+    script = load_script("nnx_tutorial")
+    params = nnx.state(nnx.eval_shape(lambda: script.CNN(rngs=nnx.Rngs(0))), nnx.Param)
+    shapes = {jax.tree_util.keystr(path): leaf.shape
+              for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
+    assert shapes == {"['batch_norm1']['bias']": (32,), "['batch_norm1']['scale']": (32,),
+                      "['batch_norm2']['bias']": (64,), "['batch_norm2']['scale']": (64,),
+                      "['conv1']['bias']": (32,), "['conv1']['kernel']": (3, 3, 1, 32),
+                      "['conv2']['bias']": (64,), "['conv2']['kernel']": (3, 3, 32, 64),
+                      "['linear1']['bias']": (256,), "['linear1']['kernel']": (3136, 256),
+                      "['linear2']['bias']": (10,), "['linear2']['kernel']": (256, 10)}
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 824_650
+
+    config = script.tutorial_config((0, 1), 1)
+    assert config.batch_size == 32
+    # the optimizer the config builds takes the steps optax.adamw(0.005, 0.9) takes
+    from mnist_jax.run import build_optimizer
+    ours, theirs = build_optimizer(config), __import__("optax").adamw(0.005, 0.9)
+    params = {"w": jnp.linspace(-10.0, 10.0, 12).reshape(3, 4)}  # weight decay shows
+    s1, s2 = ours.init(params), theirs.init(params)
+    for i in range(3):
+        grads = {"w": jnp.cos(params["w"] * (i + 1))}
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = theirs.update(grads, s2, params)
+        # (the config's optimizer holds b2 as a float32 array: its bias correction 1 - b2
+        # differs from optax's Python-float one in the 5th digit, hence 1e-4)
+        np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-4, atol=0)
+
+
+def test_nnx_tutorial_trains_its_seeds_in_one_program_into_a_run_folder(digits, tmp_path):
+    script = load_script("nnx_tutorial")
+    run = tmp_path / "run"
+    outcome = script.train(script.tutorial_config((0, 1), 1), run, dataset=digits,
+                           progress=False)
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["epochs_completed"] == 1
+    accs = [m["test_accuracy"] for m in results["per_model"]]
+    assert [m["seed"] for m in results["per_model"]] == [0, 1]
+    assert min(accs) > 0.5  # each seed learned the toy digits in one epoch of 32 steps
+    assert accs[0] != accs[1] or not np.array_equal(  # two models, not one twice
+        *(np.asarray(outcome.result.state.params["linear2"]["kernel"][i]) for i in (0, 1)))
+    lines = script.accuracy_lines(outcome)
+    assert lines[-1].startswith(f"test accuracy {np.mean(accs):.4f} ± {np.std(accs):.4f} "
+                                "(mean ± std over 2 seeds, epoch 1)")
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["optimizer"], saved["learning_rates"], saved["betas"], saved["batch_size"]) \
+        == ("adamw", [0.005], [0.9, 0.999], 32)
+    assert saved["model"].endswith(":CNN")
+    loaded = mj.load_run(run)  # the run folder rebuilds the NNX model: evaluate seed 1
+    one = mj.evaluate(loaded.model_state(1), digits.test_images, digits.test_labels)
+    assert one["accuracy"] == accs[1]
+
+
+def test_nnx_tutorial_refuses_in_one_line_before_training(tmp_path, capsys):
+    script = load_script("nnx_tutorial")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert script.main(["--out", str(tmp_path / "run"), "--seeds", "0,1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run" in err and "\n" not in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]

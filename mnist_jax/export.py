@@ -105,6 +105,16 @@ def _input_spec() -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8)
 
 
+def _trace(fn: Callable, spec: jax.ShapeDtypeStruct):
+    """``fn``'s closed jaxpr for a symbolic batch size; a model that needs a concrete one
+    (Python arithmetic on ``x.shape[0]``) is refused in one line."""
+    try:
+        return jax.make_jaxpr(fn)(spec)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's code while tracing
+        raise UsageError("cannot export: the model does not trace for a batch of symbolic "
+                         f"size N ({type(e).__name__}: {first_line(e)})") from None
+
+
 def _primitives(jaxpr) -> set[str]:
     """Every primitive of ``jaxpr`` and of the jaxprs nested in its equations."""
     from jax.extend.core import subjaxprs
@@ -125,7 +135,7 @@ def _unsupported(fmt: str, names) -> UsageError:
 # ---------------------------------------------------------------------------------------
 def _stablehlo_bytes(fn: Callable) -> tuple[bytes, list[str]]:
     spec = _input_spec()
-    callbacks = {p for p in _primitives(jax.make_jaxpr(fn)(spec).jaxpr) if "callback" in p}
+    callbacks = {p for p in _primitives(_trace(fn, spec).jaxpr) if "callback" in p}
     if callbacks:  # Python called back at run time: nothing a serialized program can hold
         raise _unsupported("stablehlo", callbacks)
     platforms = list(PLATFORMS)
@@ -248,7 +258,7 @@ def _quiet_converter() -> Iterator[None]:
 def _onnx_bytes(fn: Callable, metadata: dict[str, str], name: str) -> bytes:
     to_onnx, _ = _import_onnx()
     spec = _input_spec()
-    closed = jax.make_jaxpr(fn)(spec)
+    closed = _trace(fn, spec)
 
     def traced(images):
         return _eval_jaxpr(closed.jaxpr, closed.consts, images)[0]

@@ -353,3 +353,20 @@ def test_the_api_refuses_an_unknown_format_and_names_the_extra_when_onnx_is_miss
     with pytest.raises(UsageError, match=r"pip install 'mnist-jax\[export\]'"):
         export_lib.export(runs["mlp"], tmp_path / "x.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class BatchSizedMLP(mj.MLP):
+    """The MLP, using the batch size as a Python number: no file can serve every N."""
+
+    def __call__(self, x, *, train: bool):
+        return super().__call__(x, train=train) * float(int(x.shape[0]) % 3 + 1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_model_that_needs_a_concrete_batch_size_is_refused_in_one_line(fmt, runs, tmp_path):
+    _needs(fmt)
+    loaded = mj.load_run(runs["mlp"], model=BatchSizedMLP(hidden=(32,)))
+    with pytest.raises(UsageError, match="does not trace for a batch of symbolic size N") as e:
+        export_lib.export(loaded, tmp_path / f"x.{fmt}", format=fmt,
+                          check_images=np.zeros((2, 28, 28), np.uint8))
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []

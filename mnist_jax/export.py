@@ -366,7 +366,6 @@ def _metadata(loaded, members: list[int], fmt: str) -> dict[str, str]:
         "test_accuracy": json.dumps(_accuracy(results, config, members)),
         "trained_commit": str(results.get("git_commit")),
         "export_commit": str(git_commit()), "jax_version": jax.__version__,
-        "run_dir": str(loaded.run.path.resolve()),
         "input": f"{INPUT_NAME}: uint8 (N, 28, 28), white ink on black as MNIST",
         "output": f"{OUTPUT_NAME}: float32 (N, 10) class probabilities",
     }

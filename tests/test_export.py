@@ -196,11 +196,12 @@ def test_the_metadata_records_the_model_recipe_accuracy_version_and_commit(fmt, 
 
 def test_the_stablehlo_file_runs_in_bare_jax_without_mnist_jax_or_flax(runs, batches, tmp_path):
     done = _export(runs["cnn"], "stablehlo", tmp_path / "cnn.stablehlo", batches)
-    np.save(tmp_path / "x.npy", batches[7])
+    x_path, p_path = str(tmp_path / "x.npy"), str(tmp_path / "p.npy")
+    np.save(x_path, batches[7])
     script = textwrap.dedent(f"""
         import sys, jax, numpy as np
         exp = jax.export.deserialize(bytearray(open({str(done.path)!r}, "rb").read()))
-        np.save({str(tmp_path / 'p.npy')!r}, np.asarray(exp.call(np.load({str(tmp_path / 'x.npy')!r}))))
+        np.save({p_path!r}, np.asarray(exp.call(np.load({x_path!r}))))
         print(sorted(m for m in ("mnist_jax", "flax", "optax") if m in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -221,17 +221,18 @@ def main(argv: list[str] | None = None) -> int:
               "body": args.body, "clients": args.clients, "seconds_per_mode": args.seconds,
               "rounds": args.rounds, "batch_sizes": list(serve.BATCH_SIZES),
               "max_wait_s": serve.DEFAULT_MAX_WAIT, "summary": summary,
-              "batched_vs_one_at_a_time": ratio, "model_only": compiled, "device": slug, "cpu": cpu_model(),
-              "cpu_count": os.cpu_count(), "load_average_during": loads,
+              "batched_vs_one_at_a_time": ratio, "model_only": compiled, "device": slug,
+              "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_average_during": loads,
               "platform": platform.platform(), "versions": library_versions(),
               "git_commit": git_commit(), "command": " ".join(sys.argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from mnist_jax.atomic import write_atomic
     write_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+    body = ("a photo-like PNG digit (the full predict preprocessing)" if args.body == "png"
+            else "a digit's 28x28 pixels as JSON")
     lines = [f"# mnist-jax serve under load ({slug})", "",
-             f"{args.clients} clients on 127.0.0.1, keep-alive, posting a {args.body} digit "
-             f"({'photo-like PNG, full predict preprocessing' if args.body == 'png' else '28x28 pixels JSON'})"
+             f"{args.clients} clients on 127.0.0.1, keep-alive, posting {body}"
              f" to one server serving `{info.model}` ({info.served}); {args.seconds:g} s per "
              f"mode in {args.rounds} interleaved rounds; CPU {cpu_model()}, {os.cpu_count()} "
              f"cores, load average during {min(loads):.1f}-{max(loads):.1f}.", "",

@@ -124,7 +124,7 @@ def png_data_url(image: np.ndarray) -> str:
     """A uint8 grayscale image as a ``data:image/png;base64,...`` URL."""
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8), mode="L").save(buf, format="PNG")
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")  # 2-D uint8: mode L
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

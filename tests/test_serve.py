@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import signal
 import socket
 import struct
@@ -143,7 +142,8 @@ def test_json_pixels_form_matches_predict_on_the_raw_digits(server, trained, tes
         assert answer["class"] == int(want.argmax())
         np.testing.assert_allclose(answer["probabilities"], want, rtol=0, atol=1e-6)
     # floats are rounded to the nearest level, as uint8 pixels
-    status, answer = _post(server.url, _pixels(np.minimum(images[0] + 0.3, 255.0)), "application/json")
+    nudged = np.minimum(images[0] + 0.3, 255.0)
+    status, answer = _post(server.url, _pixels(nudged), "application/json")
     np.testing.assert_allclose(answer["probabilities"], expected[0], rtol=0, atol=1e-6)
 
 
@@ -182,8 +182,9 @@ def _png_bomb(side: int = 30_000) -> bytes:
     z = zlib.compressobj(9)
     row = b"\x00" * (1 + (side + 7) // 8)
     idat = b"".join(z.compress(row * 1000) for _ in range(side // 1000)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
 
 
 def _good_png(photos) -> bytes:

@@ -3,10 +3,10 @@
 Headless Chromium (Debian's ``chromium`` and ``chromium-driver`` packages, driven by
 selenium through ``/usr/bin/chromedriver``) loads the page from a server on 127.0.0.1,
 draws a "1" (one vertical stroke, with a mouse) and a "7" (a bar and a diagonal, with a
-pen, and by touch in a phone-sized window) through WebDriver pointer actions, and reads the predicted digit from the page. The
-model is an MLP trained for one epoch on real MNIST. The browser's console must stay free
-of errors, and the page's Content-Security-Policy forbids anything from elsewhere, so an
-external asset would show up there too.
+pen, and by touch in a phone-sized window) through WebDriver pointer actions, and reads the
+predicted digit from the page. The model is an MLP trained for one epoch on real MNIST.
+The browser's console must stay free of errors, and the page's Content-Security-Policy
+forbids anything from elsewhere, so an external asset would show up there too.
 
 ``MNIST_JAX_SERVE_SCREENSHOT=docs/images/serve.png`` keeps a screenshot of the page after
 the "7" (how the README's picture is made).

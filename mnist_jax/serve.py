@@ -413,10 +413,14 @@ def create_app(predictor: Predictor, info: RunInfo, *, max_body: int = DEFAULT_M
 # ---------------------------------------------------------------------------------------
 # Running it
 # ---------------------------------------------------------------------------------------
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: one the system chooses)."""
+def _check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise UsageError(f"invalid --port {port}: must be 0 to 65535 (0: any free port)")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: one the system chooses)."""
+    _check_port(port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -529,6 +533,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     """
     if max_body < 1:
         raise UsageError(f"invalid --max-body {max_body}: must be at least 1 byte")
+    _check_port(port)  # before the seconds of loading and compiling
     predictor, info = load_predictor(run_dir, model_index=model_index, ensemble=ensemble)
     sock = _bind(host, port)
     scratch = tempfile.mkdtemp(prefix="mnist-jax-serve-")

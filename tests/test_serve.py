@@ -465,6 +465,9 @@ def test_bad_flags_are_one_line_usage_errors(trained, capsys):
     assert exit_.value.code == 2
     assert cli.main(["serve", str(trained), "--host", "no-such-host.invalid", "--port", "0"]) == 2
     assert "invalid --host" in capsys.readouterr().err
+    assert cli.main(["serve", str(trained), "--port", "70000"]) == 2
+    assert "invalid --port 70000" in capsys.readouterr().err
+    assert cli.main(["serve", str(trained.parent / "no-such-run"), "--port", "0"]) == 2
 
 
 def test_port_in_use_is_a_usage_error(trained, capsys):

@@ -22,6 +22,7 @@ import mnist_jax  # noqa: E402
 
 project = "mnist-jax"
 author = "the mnist-jax authors"
+copyright = author
 release = version = mnist_jax.__version__
 
 extensions = [

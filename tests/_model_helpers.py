@@ -1,4 +1,5 @@
-"""Helpers shared by the model tests (test_models, test_fastconv, test_summary)."""
+"""Helpers shared by the model tests (test_models, test_fastconv, test_summary, and the
+user-model acceptance runs of test_usermodel and test_nnx)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,49 @@ def close(a: jax.Array, b: jax.Array, rtol: float = RTOL) -> None:
     assert a.shape == b.shape
     err, ref = np.linalg.norm(a - b), np.linalg.norm(b)
     assert err <= rtol * ref + 1e-12, f"relative error {err / max(ref, 1e-30):.2e}"
+
+
+def assert_each_seed_scores(result: Any, dataset: Any, floor: float, what: str) -> None:
+    """Every model of a two-seed ``fit`` reaches ``floor`` test accuracy, and scores the
+    same through the one-model API (``mj.evaluate`` of ``mj.unstack_state``)."""
+    import mnist_jax as mj
+    accs = np.asarray(result.test["accuracy"])
+    print(f"{what}: test accuracy {accs}")
+    assert accs.shape == (2,) and (accs >= floor).all(), accs
+    for i in range(2):
+        one = mj.unstack_state(result.state, i)
+        assert abs(mj.evaluate(one, dataset.test_images, dataset.test_labels)["accuracy"]
+                   - accs[i]) <= 1e-6
+
+
+def assert_statistics_trained_per_model(result: Any, stats: Any, dataset: Any,
+                                        features: int) -> None:
+    """BatchNorm statistics ``stats`` (a ``{"mean", "var"}`` of a two-seed ``result``'s
+    model_state) were trained, one set per model, and evaluation uses them."""
+    import mnist_jax as mj
+    assert stats["mean"].shape == (2, features) and stats["var"].shape == (2, features)
+    assert not np.allclose(stats["mean"], 0.0) and not np.allclose(stats["var"], 1.0)
+    assert not np.allclose(stats["mean"][0], stats["mean"][1])  # one set per seed
+    one = mj.unstack_state(result.state, 0)
+    fresh = one.replace(model_state=jax.tree.map(np.ones_like, one.model_state))
+    x, y = dataset.test_images[:2000], dataset.test_labels[:2000]
+    assert mj.evaluate(fresh, x, y)["accuracy"] < mj.evaluate(one, x, y)["accuracy"]
+
+
+def sgd_on_a_quarter(dataset: Any, model: Any, floor: float, what: str) -> None:
+    """``model`` trained one epoch on a quarter of MNIST with ``optax.sgd(0.05, momentum
+    0.9)`` reaches ``floor``, scored by ``mj.evaluate`` as ``fit`` scored it."""
+    import dataclasses
+
+    import optax
+
+    import mnist_jax as mj
+    quarter = dataclasses.replace(dataset, train_images=dataset.train_images[:15_000],
+                                  train_labels=dataset.train_labels[:15_000])
+    result = mj.fit(mj.TrainConfig(epochs=1), quarter, model=model,
+                    optimizer=optax.sgd(0.05, momentum=0.9))
+    scores = mj.evaluate(result.state, dataset.test_images, dataset.test_labels)
+    print(f"{what}, sgd(0.05, momentum 0.9), 117 steps: {scores}")
+    assert scores["accuracy"] >= floor
+    assert abs(scores["accuracy"] - result.test["accuracy"]) <= 1e-6
+    assert mj.predict_classes(result.state, dataset.test_images[:10]).shape == (10,)

@@ -67,6 +67,18 @@ def digits() -> Dataset:
     return Dataset("mnist", tx, ty.astype(np.int32), vx, vy.astype(np.int32), "synthetic")
 
 
+@pytest.fixture(scope="module")
+def mnist_part(mnist, tmp_path_factory) -> Path:
+    """The first 8,192 training and 2,000 test digits of MNIST as a folder of IDX files: the
+    CLI's epoch learns from real digits in an eighth of the time (accuracy after a whole
+    epoch is the API tests' business)."""
+    from test_data import make_folder
+    return make_folder(tmp_path_factory.mktemp("mnist_part"), gz=False,
+                       train_images=mnist.train_images[:8192],
+                       train_labels=mnist.train_labels[:8192],
+                       test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+
+
 @pytest.fixture
 def full_fp32_matmuls():
     """fp32 products at full precision: on a GPU the default lets both CNN paths use tf32

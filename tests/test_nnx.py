@@ -26,6 +26,9 @@ from mnist_jax.errors import UsageError
 from mnist_jax.nnxmodel import NNX_STATE, NNXModel
 from mnist_jax.usermodel import as_model, describe, load_model_class
 
+from _model_helpers import (assert_each_seed_scores, assert_statistics_trained_per_model,
+                            sgd_on_a_quarter)
+
 ROOT = Path(__file__).resolve().parents[1]
 NET = ROOT / "tests" / "assets" / "nnx_net.py"
 Net = load_model_class(f"{NET}:Net")
@@ -46,39 +49,20 @@ def adamw_two_seeds(mnist):
 
 @pytest.mark.realdata
 def test_each_seed_of_the_nnx_net_reaches_97_percent_after_one_epoch(adamw_two_seeds, mnist):
-    accs = np.asarray(adamw_two_seeds.test["accuracy"])
-    print(f"NNX conv+BN+dropout net, adamw(2e-3), 1 epoch, seeds 0 and 1: test accuracy {accs}")
-    assert accs.shape == (2,) and (accs >= 0.97).all(), accs
-    for i in range(2):  # each model of the stacked state scores the same through the API
-        one = mj.unstack_state(adamw_two_seeds.state, i)
-        assert mj.evaluate(one, mnist.test_images, mnist.test_labels)["accuracy"] == \
-            pytest.approx(accs[i], abs=1e-6)
+    assert_each_seed_scores(adamw_two_seeds, mnist, 0.97,
+                            "NNX conv+BN+dropout net, adamw(2e-3), 1 epoch, seeds 0 and 1")
 
 
 @pytest.mark.realdata
 def test_batchnorm_statistics_live_in_model_state_per_model_and_serve_evaluation(
         adamw_two_seeds, mnist):
     stats = adamw_two_seeds.state.model_state[NNX_STATE]["norms"]["0"]
-    assert stats["mean"].shape == (2, 8) and stats["var"].shape == (2, 8)
-    assert not np.allclose(stats["mean"], 0.0) and not np.allclose(stats["var"], 1.0)
-    assert not np.allclose(stats["mean"][0], stats["mean"][1])  # one set per seed
-    one = mj.unstack_state(adamw_two_seeds.state, 0)
-    fresh = one.replace(model_state=jax.tree.map(np.ones_like, one.model_state))
-    x, y = mnist.test_images[:2000], mnist.test_labels[:2000]
-    assert mj.evaluate(fresh, x, y)["accuracy"] < mj.evaluate(one, x, y)["accuracy"]
+    assert_statistics_trained_per_model(adamw_two_seeds, stats, mnist, features=8)
 
 
 @pytest.mark.realdata
 def test_an_instance_trained_with_sgd_is_scored_by_evaluate(mnist):
-    quarter = dataclasses.replace(mnist, train_images=mnist.train_images[:15_000],
-                                  train_labels=mnist.train_labels[:15_000])
-    result = mj.fit(mj.TrainConfig(epochs=1), quarter, model=Net(rngs=nnx.Rngs(0)),
-                    optimizer=optax.sgd(0.05, momentum=0.9))
-    scores = mj.evaluate(result.state, mnist.test_images, mnist.test_labels)
-    print(f"NNX instance, sgd(0.05, momentum 0.9), 117 steps: {scores}")
-    assert scores["accuracy"] >= 0.95
-    assert scores["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6)
-    assert mj.predict_classes(result.state, mnist.test_images[:10]).shape == (10,)
+    sgd_on_a_quarter(mnist, Net(rngs=nnx.Rngs(0)), 0.95, "NNX instance")
 
 
 def test_an_instance_starts_from_its_own_weights():
@@ -186,16 +170,6 @@ def test_summary_lists_the_layers_and_counts_batchnorm_statistics_as_non_trainab
     # conv 3*3*1*4 = 36; BatchNorm scale+bias 8 (+ mean/var 8 non-trainable);
     # dense 13*13*4*16 + 16 = 10,832; out 16*10 + 10 = 170
     assert "Trainable params: 11,046" in text and "Non-trainable params: 8" in text
-
-
-@pytest.fixture(scope="module")
-def mnist_part(mnist, tmp_path_factory) -> Path:
-    """MNIST's first 8,192 training and 2,000 test digits as an IDX folder."""
-    from test_data import make_folder
-    return make_folder(tmp_path_factory.mktemp("mnist_part"), gz=False,
-                       train_images=mnist.train_images[:8192],
-                       train_labels=mnist.train_labels[:8192],
-                       test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
 
 
 @pytest.mark.realdata

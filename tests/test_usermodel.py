@@ -9,13 +9,11 @@ Naming a module wrongly is a one-line usage error (exit 2).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 import pytest
@@ -24,6 +22,9 @@ import mnist_jax as mj
 from mnist_jax import cli
 from mnist_jax.errors import UsageError
 from mnist_jax.usermodel import build_user_model, describe, load_model_class, normalize_spec
+
+from _model_helpers import (assert_each_seed_scores, assert_statistics_trained_per_model,
+                            sgd_on_a_quarter)
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = ROOT / "tests" / "assets" / "net.py"
@@ -39,53 +40,20 @@ def adamw_two_seeds(mnist):
 
 @pytest.mark.realdata
 def test_each_seed_of_a_batchnorm_net_reaches_97_percent_after_one_epoch(adamw_two_seeds, mnist):
-    accs = np.asarray(adamw_two_seeds.test["accuracy"])
-    print(f"conv+BN net, adamw(2e-3), 1 epoch, seeds 0 and 1: test accuracy {accs}")
-    assert accs.shape == (2,) and (accs >= 0.97).all(), accs
-    # Each model of the stacked state scores the same through the one-model API.
-    for i in range(2):
-        one = mj.unstack_state(adamw_two_seeds.state, i)
-        assert mj.evaluate(one, mnist.test_images, mnist.test_labels)["accuracy"] == \
-            pytest.approx(accs[i], abs=1e-6)
+    assert_each_seed_scores(adamw_two_seeds, mnist, 0.97,
+                            "conv+BN net, adamw(2e-3), 1 epoch, seeds 0 and 1")
 
 
 @pytest.mark.realdata
 def test_batchnorm_statistics_are_trained_kept_per_model_and_used_in_evaluation(
         adamw_two_seeds, mnist):
     stats = adamw_two_seeds.state.model_state["batch_stats"]["BatchNorm_0"]
-    assert stats["mean"].shape == (2, 8) and stats["var"].shape == (2, 8)
-    assert not np.allclose(stats["mean"], 0.0) and not np.allclose(stats["var"], 1.0)
-    assert not np.allclose(stats["mean"][0], stats["mean"][1])  # one set per seed
-    one = mj.unstack_state(adamw_two_seeds.state, 0)
-    fresh = one.replace(model_state=jax.tree.map(np.ones_like, one.model_state))
-    x, y = mnist.test_images[:2000], mnist.test_labels[:2000]
-    assert mj.evaluate(fresh, x, y)["accuracy"] < mj.evaluate(one, x, y)["accuracy"]
+    assert_statistics_trained_per_model(adamw_two_seeds, stats, mnist, features=8)
 
 
 @pytest.mark.realdata
 def test_an_sgd_trained_user_model_is_scored_by_evaluate(mnist):
-    net = build_user_model(f"{NET}:Net")
-    quarter = dataclasses.replace(mnist, train_images=mnist.train_images[:15_000],
-                                  train_labels=mnist.train_labels[:15_000])
-    result = mj.fit(mj.TrainConfig(epochs=1), quarter, model=net,
-                    optimizer=optax.sgd(0.05, momentum=0.9))
-    scores = mj.evaluate(result.state, mnist.test_images, mnist.test_labels)
-    print(f"conv+BN net, sgd(0.05, momentum 0.9), 117 steps: {scores}")
-    assert scores["accuracy"] >= 0.95  # 0.967 measured
-    assert scores["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6)
-    assert mj.predict_classes(result.state, mnist.test_images[:10]).shape == (10,)
-
-
-@pytest.fixture(scope="module")
-def mnist_part(mnist, tmp_path_factory) -> Path:
-    """The first 8,192 training and 2,000 test digits of MNIST as a folder of IDX files: the
-    CLI's epoch learns from real digits in an eighth of the time (accuracy after a whole
-    epoch is the API tests' business)."""
-    from test_data import make_folder
-    return make_folder(tmp_path_factory.mktemp("mnist_part"), gz=False,
-                       train_images=mnist.train_images[:8192],
-                       train_labels=mnist.train_labels[:8192],
-                       test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
+    sgd_on_a_quarter(mnist, build_user_model(f"{NET}:Net"), 0.95, "conv+BN net")  # 0.967
 
 
 @pytest.mark.realdata

@@ -65,8 +65,7 @@ def _import_file(path: Path) -> Any:
 
 
 def load_model_class(spec: str) -> type:
-    """The ``nn.Module`` or ``nnx.Module`` subclass (or a function building an
-    ``nnx.Module``) that ``spec`` names."""
+    """The ``nn.Module`` or ``nnx.Module`` subclass that ``spec`` names."""
     where, sep, cls_name = spec.rpartition(":")
     if not sep or not where or not cls_name:
         raise UsageError(f"invalid --model {spec!r}: expected path/to/file.py:ClassName or "
@@ -82,7 +81,7 @@ def load_model_class(spec: str) -> type:
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise UsageError(f"invalid --model {spec!r}: {where} has no {cls_name}")
-    if not (_is_subclass(cls, (nn.Module, nnx.Module)) or inspect.isfunction(cls)):
+    if not _is_subclass(cls, (nn.Module, nnx.Module)):
         raise UsageError(f"invalid --model {spec!r}: {cls_name} is neither a flax.linen "
                          "Module nor an NNX Module")
     return cls

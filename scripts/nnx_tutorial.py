@@ -24,7 +24,7 @@ seed inside the program). Prints the test accuracy per seed and its mean ± std
     MNIST_JAX_DATA_DIR=... python scripts/nnx_tutorial.py --seeds 0,1,2 --epochs 1 \\
         --out runs/nnx-tutorial
 
-The CLI trains the same: ``mnist-jax train --model scripts/nnx_tutorial.py:CNN
+The same settings from the command line: ``mnist-jax train --model scripts/nnx_tutorial.py:CNN
 --optimizer adamw --lr 0.005 --betas 0.9,0.999 --adam-eps 1e-8 --weight-decay 1e-4
 --batch-size 32 --seeds 0,1,2 --epochs 1``.
 """

@@ -41,6 +41,9 @@ def test_a_tiny_run_writes_every_contender_and_its_ratios(tmp_path):
         statistics.median(row["step_seconds"]["linen"]))
     assert ratio["per_round"] == pytest.approx(
         [a / b for a, b in zip(row["step_seconds"]["nnx"], row["step_seconds"]["linen"])])
+    assert ratio["cpu_of_medians"] == pytest.approx(
+        statistics.median(row["cpu_seconds_per_step"]["nnx"]) /
+        statistics.median(row["cpu_seconds_per_step"]["linen"]))
     assert row["targets"]["nnx_over_linen"] == (ratio["of_medians"] <= 1.05)
     # both mnist-jax programs were compiled and analysed; they do the same arithmetic
     nnx_cost, linen_cost = row["programs"]["nnx"], row["programs"]["linen"]

@@ -269,7 +269,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from mnist_jax.serve import serve
     except ImportError as e:
-        raise UsageError(f"mnist-jax serve needs the serve extra ({e.name} is missing): "
+        missing = (e.name or "a package").partition(".")[0]
+        if missing == "mnist_jax":  # our own import broke: not the extra's doing
+            raise
+        raise UsageError(f"mnist-jax serve needs the serve extra ({missing} is missing): "
                          "pip install 'mnist-jax[serve]'") from None
     serve(args.run_dir, host=args.host, port=args.port, model_index=args.model_index,
           ensemble=args.ensemble, max_body=args.max_body)

@@ -42,6 +42,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+# The serve extra, imported here so that a missing one fails at import (the CLI says which
+# extra to install), not after the run is loaded and compiled.
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from mnist_jax.errors import DataError, UsageError
 
@@ -356,12 +364,6 @@ def create_app(predictor: Predictor, info: RunInfo, *, max_body: int = DEFAULT_M
     ``POST /predict?image=1`` adds ``"image"``: the 28x28 input the model saw, as a PNG
     data URL. ``scratch`` is the folder for uploaded files while they are decoded.
     """
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
     page = _page()
 
     async def index(request):
@@ -459,7 +461,6 @@ def host_warning(host: str) -> str | None:
 
 
 def _uvicorn_server(app: Any) -> Any:
-    import uvicorn
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=3, server_header=False)
     return uvicorn.Server(config)

@@ -470,6 +470,16 @@ def test_bad_flags_are_one_line_usage_errors(trained, capsys):
     assert cli.main(["serve", str(trained.parent / "no-such-run"), "--port", "0"]) == 2
 
 
+def test_without_the_serve_extra_the_command_says_what_to_install(trained):
+    code = ("import sys; sys.modules['starlette'] = None; from mnist_jax import cli; "
+            f"sys.exit(cli.main(['serve', {str(trained)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "starlette is missing" in done.stderr and "mnist-jax[serve]" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_port_in_use_is_a_usage_error(trained, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +52,7 @@ def _train(recipe: str, epochs: int, ds, folder: Path) -> Path:
     return out
 
 
-def _timers(loaded, files: dict[str, Path], images: np.ndarray) -> dict[str, callable]:
+def _timers(loaded, files: dict[str, Path], images: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
     """name → a function computing the (N, 10) probabilities of ``images`` once."""
     import jax
     import onnxruntime as ort

@@ -51,6 +51,10 @@ TOLERANCE = 1e-5
 """Largest difference allowed between a written file's probabilities and JAX's."""
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+OPSET = 17
+"""The ONNX opset the files use: every operator these models need is in it, and runtimes
+from 2022 on read it (onnxruntime 1.13 and later, its web build, TensorRT, OpenVINO); the
+converter's own default (23) needs a much newer runtime."""
 PLATFORMS = ("cpu", "cuda", "tpu")
 """What a StableHLO file is lowered for; a platform this JAX cannot lower for is left out."""
 
@@ -265,8 +269,8 @@ def _onnx_bytes(fn: Callable, metadata: dict[str, str], name: str) -> bytes:
 
     try:
         with _quiet_converter():
-            model = to_onnx(traced, [spec], model_name=name, input_names=[INPUT_NAME],
-                            output_names=[OUTPUT_NAME])
+            model = to_onnx(traced, [spec], model_name=name, opset=OPSET,
+                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     except NotImplementedError as e:
         missing = re.search(r"primitive '([^']+)'", str(e))
         if missing:

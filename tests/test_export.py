@@ -156,8 +156,10 @@ def test_the_onnx_cnn_is_made_of_convolutions_not_their_im2col_pieces(runs, batc
     _needs("onnx")
     import onnx
     done = _export(runs["cnn"], "onnx", tmp_path / "cnn.onnx", batches)
-    ops = [node.op_type for node in onnx.load(str(done.path)).graph.node]
+    model = onnx.load(str(done.path))
+    ops = [node.op_type for node in model.graph.node]
     assert ops.count("Conv") == 2 and ops.count("MaxPool") == 1
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", export_lib.OPSET)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -294,7 +294,6 @@ def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
-_WRITERS = {"onnx": _onnx_bytes, "stablehlo": lambda fn, metadata, name: _stablehlo_bytes(fn)}
 RUNNERS: dict[str, Callable[[Path, np.ndarray], np.ndarray]] = {
     "onnx": _run_onnx, "stablehlo": _run_stablehlo}
 """How the export check runs a written file of each format: as its users will, by
@@ -446,10 +445,11 @@ def export(run, path: str | Path | None = None, *, format: str, model_index: int
     states = [loaded.model_state(i) for i in members]
     fn = probability_fn([_inference_state(loaded, s) for s in states])
     metadata = _metadata(loaded, members, format)
-    data = _WRITERS[format](fn, metadata, target.stem)
     if format == "stablehlo":
-        data, platforms = data
+        data, platforms = _stablehlo_bytes(fn)
         metadata["platforms"] = ",".join(platforms)
+    else:
+        data = _onnx_bytes(fn, metadata, target.stem)
     if check_images is not None:
         images, what = np.asarray(check_images, np.uint8), "digits given"
     else:

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     body_path, content_type = make_body(args.body, scratch)
     per_round = args.seconds / args.rounds
     measured: dict[str, list[dict]] = {m: [] for m in MODES}
-    stats: dict[str, dict[str, int]] = {m: {"calls": 0, "images": 0} for m in MODES}
+    stats: dict[str, dict[str, int]] = {m: {"calls": 0, "images": 0, "computed": 0}
+                                        for m in MODES}
     loads = []
     with serve.start_server(run) as server:
         for mode in MODES:  # warm-up: connections, threads, caches; not recorded
@@ -200,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 server.predictor.batching = mode == "batched"
                 before = dict(server.predictor.stats)
                 r = run_clients(server.url, body_path, content_type, args.clients, per_round)
+                after = server.predictor.stats
                 for k in ("calls", "images"):
-                    stats[mode][k] += server.predictor.stats[k] - before.get(k, 0)
+                    stats[mode][k] += after[k] - before.get(k, 0)
+                # images the compiled calls computed, padding included (size_N: calls of N)
+                stats[mode]["computed"] += sum(int(k[5:]) * (after[k] - before.get(k, 0))
+                                               for k in after if k.startswith("size_"))
                 measured[mode].append(r)
                 loads.append(os.getloadavg()[0])
                 s = summarize([r])
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         floor = summarize([run_clients(server.url, body_path, "text/plain", args.clients,
                                        per_round, expect=415)])
 
-    summary = {m: dict(summarize(rs), mean_batch=stats[m]["images"] / max(1, stats[m]["calls"]))
+    summary = {m: dict(summarize(rs), mean_batch=stats[m]["images"] / max(1, stats[m]["calls"]),
+                       computed_per_request=stats[m]["computed"] / max(1, stats[m]["images"]))
                for m, rs in measured.items()}
     ratio = summary["batched"]["req_per_s"] / max(1e-9, summary["one-at-a-time"]["req_per_s"])
     dev = jax.devices()[0]
@@ -244,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
              *([f"Other work shared the machine (load average above its {os.cpu_count()} "
                 "cores): the figures are noisy, the ratio within one run is the measure.", ""]
                if max(loads) > (os.cpu_count() or 1) else []),
-             "| mode | req/s | p50 (ms) | p99 (ms) | errors | mean batch |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| mode | req/s | p50 (ms) | p99 (ms) | errors | mean batch | images computed "
+             "per request (padding) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for m, s in summary.items():
         lines.append(f"| {m} | {s['req_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-                     f"{s['errors']} | {s['mean_batch']:.1f} |")
+                     f"{s['errors']} | {s['mean_batch']:.1f} | "
+                     f"{s['computed_per_request']:.2f} |")
     one, big = compiled.values()
     lines += ["", f"Batched vs one at a time: x{ratio:.2f} the requests per second.", "",
               f"The compiled calls alone (no HTTP, same process, interleaved): {one:.0f} images/s "

@@ -2,12 +2,15 @@
 
 Inside a compiled loop (the epoch's ``lax.scan``, the models' ``lax.map``) XLA:CPU runs
 ``conv_general_dilated`` and its gradients several times slower than the same work
-written as shifted slices (im2col) and one matrix product (jax-ml/jax#12868), and its
-max-pooling gradient (select-and-scatter) is slow too. :func:`fast_convolutions` wraps
+written as shifted slices (im2col) and one matrix product (docs/cpu-convolutions.md), and
+its max-pooling gradient (select-and-scatter) is slow too. :func:`fast_convolutions` wraps
 a function (a model's ``apply``) so that, when it is traced, its jaxpr is taken
 (``jax.make_jaxpr`` on the arguments it is called with) and evaluated again with
 
-* every ``conv_general_dilated`` (any padding, stride, input and kernel dilation,
+* chains of conv (stride 1, NHWC, float32) -> bias -> ``jax.nn.relu`` with a p x p
+  max-pool before or after the ReLU, one after another, as the built-in CNNs' fused
+  custom-VJP stack (:func:`mnist_jax.fastconv.conv_stack`; :data:`FUSE_STACKS`);
+* every other ``conv_general_dilated`` (any padding, stride, input and kernel dilation,
   feature groups, dimension numbers, any number of spatial dimensions) as im2col + one
   ``dot_general`` (:func:`conv_as_matmul`), and
 * every non-overlapping max-pool ``reduce_window_max`` (window = stride, no dilation)

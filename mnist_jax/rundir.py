@@ -34,7 +34,7 @@ CURVE_SUFFIX = "_curve"
 its steps, e.g. ``train_loss_curve``), not one value per model."""
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "params.msgpack", "checkpoints", "tb",
-             "report")
+             "report", "export")
 
 
 def write_json(path: Path, obj: Any) -> None:

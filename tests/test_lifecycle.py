@@ -127,3 +127,17 @@ def test_tensorboard_logging_does_not_import_torch_yet_leaves_it_importable(tmp_
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_overwrite_replaces_what_the_old_run_made_from_its_model(digits, tmp_path):
+    """A report and exported files belong to the run that made them: --overwrite removes
+    them with the rest, so nothing in the folder describes a model it no longer holds."""
+    config = mj.TrainConfig(epochs=1, batch_size=64, hidden=(16,), checkpoint_every=0)
+    quiet = dict(dataset=digits, progress=False, log=lambda _: None)
+    mj.train_run(config, tmp_path / "run", **quiet)
+    for made in ("report", "export"):
+        (tmp_path / "run" / made).mkdir()
+        (tmp_path / "run" / made / "old").write_text("the old model's")
+    mj.train_run(config, tmp_path / "run", overwrite=True, **quiet)
+    assert not (tmp_path / "run" / "report").exists()
+    assert not (tmp_path / "run" / "export").exists()

@@ -36,12 +36,12 @@ class Conv(nn.Module):
     concatenated along the channels (im2col) and one matrix product (``nn.Dense``, whose
     default initialiser is ``nn.Conv``'s: LeCun normal over k·k·C inputs).
 
-    Why not ``nn.Conv``: mnist-jax runs a whole epoch as one compiled loop (``lax.scan``),
-    and inside a loop body XLA's CPU backend runs convolutions and their gradients far
-    slower than outside one (jax-ml/jax#12868). For this net, one training step in a
-    scan takes ~7x longer with ``nn.Conv``; a matrix product is as fast in a loop as out
-    of it. A stride keeps every ``stride``-th output (the patches are subsampled before
-    the product).
+    Written by hand before mnist-jax rewrote a module's ``nn.Conv`` into this form by
+    itself on the CPU (``mnist_jax.convrewrite``): inside the compiled epoch's loop XLA's
+    CPU convolutions are far slower than outside one (jax-ml/jax#12868), a matrix product
+    is not. ``benchmarks/user_convs.py`` times this net against the same net with plain
+    ``nn.Conv``. A stride keeps every ``stride``-th output (the patches are subsampled
+    before the product).
     """
 
     features: int

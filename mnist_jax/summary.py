@@ -123,8 +123,8 @@ def summary(model: Any, input_shape: Sequence[int] = (1, 28, 28)) -> str:
     # Keras lists the top level: the calls with no traced call above them (an NNX list's
     # layers, "convs/0", are top level: the list itself is never called)
     called = {layer.path for layer in layers}
-    layers = [layer for layer in layers
-              if not any(layer.path[:k] in called for k in range(1, len(layer.path)))]
+    layers = [layer for layer in layers if layer.path
+              and not any(layer.path[:k] in called for k in range(1, len(layer.path)))]
     labels = [f"{layer.name} ({layer.kind})" for layer in layers]
     width = max([32, *(len(label) + 1 for label in labels)])
     rule = "=" * (width + 34)

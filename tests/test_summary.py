@@ -29,7 +29,9 @@ def test_summary_lists_every_layer_and_totals() -> None:
     for name in ("dense_0 (Dense)", "dropout_0 (Dropout)", "act_0 (Activation)", "dense_1 (Dense)"):
         assert name in mlp
     assert "Total params: 623,290" in mlp and "615,440" in mlp
-    rows = mlp.split("=" * 10)[1].strip("=\n").splitlines()  # between the two rules
+    lines = mlp.splitlines()
+    first, last = [i for i, line in enumerate(lines) if set(line) == {"="}]
+    rows = lines[first + 1:last]  # the table between the two rules
     assert [row.split()[0] for row in rows] == ["flatten", "dense_0", "dropout_0", "act_0",
                                                 "dense_1"]  # the layers, not the model itself
 

@@ -311,6 +311,15 @@ def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
+def _add_model_choice(p: argparse.ArgumentParser, verb: str) -> None:
+    """``--model-index I | --ensemble``: which of a run's models a command uses."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model-index", type=_non_negative_int, metavar="I",
+                   help=f"{verb} model I of a run that trained several (default 0)")
+    g.add_argument("--ensemble", action="store_true",
+                   help=f"{verb} the mean of the probabilities of all the run's models")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="The Keras MNIST tutorial in JAX: train, evaluate, "
                      "predict, inspect and benchmark MLP and CNN models.")
@@ -378,11 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "has no authentication)")
     p.add_argument("--port", type=_non_negative_int, default=8000,
                    help="port (default 8000; 0: one the system chooses, printed)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model-index", type=_non_negative_int, metavar="I",
-                   help="serve model I of a run that trained several (default 0)")
-    g.add_argument("--ensemble", action="store_true",
-                   help="serve the mean of the probabilities of all the run's models")
+    _add_model_choice(p, "serve")
     p.add_argument("--max-body", type=_positive_int, default=10_000_000, metavar="BYTES",
                    help="larger request bodies are refused with 413 (default 10000000)")
     p.set_defaults(func=cmd_serve)
@@ -394,11 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx (for onnxruntime) or stablehlo (jax.export, for bare JAX)")
     p.add_argument("--out", metavar="FILE",
                    help="the file to write (default: RUN_DIR/export/model.FORMAT)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model-index", type=_non_negative_int, metavar="I",
-                   help="export model I of a run that trained several (default 0)")
-    g.add_argument("--ensemble", action="store_true",
-                   help="export the mean of the probabilities of all the run's models")
+    _add_model_choice(p, "export")
     p.set_defaults(func=cmd_export)
 
     return parser

@@ -198,39 +198,39 @@ def test_the_metadata_records_the_model_recipe_accuracy_version_and_commit(fmt, 
 
 def test_the_stablehlo_file_runs_in_bare_jax_without_mnist_jax_or_flax(runs, batches, tmp_path):
     done = _export(runs["cnn"], "stablehlo", tmp_path / "cnn.stablehlo", batches)
-    x_path, p_path = str(tmp_path / "x.npy"), str(tmp_path / "p.npy")
-    np.save(x_path, batches[7])
-    script = textwrap.dedent(f"""
-        import sys, jax, numpy as np
+    probs = _in_a_bare_process(tmp_path, batches[7], ("mnist_jax", "flax", "optax"), f"""
+        import jax
         exp = jax.export.deserialize(bytearray(open({str(done.path)!r}, "rb").read()))
-        np.save({p_path!r}, np.asarray(exp.call(np.load({x_path!r}))))
-        print(sorted(m for m in ("mnist_jax", "flax", "optax") if m in sys.modules))
+        p = np.asarray(exp.call(x))
     """)
+    _agree(probs, mj.predict(mj.load_run(runs["cnn"]).model_state(0), batches[7]))
+
+
+def _in_a_bare_process(tmp_path: Path, x: np.ndarray, absent: tuple[str, ...],
+                       body: str) -> np.ndarray:
+    """The probabilities ``p`` that ``body`` computes from ``x`` in a fresh Python process,
+    which must end without having imported any of ``absent``."""
+    np.save(tmp_path / "x.npy", x)
+    script = (f"import sys, numpy as np\nx = np.load({str(tmp_path / 'x.npy')!r})\n"
+              + textwrap.dedent(body)
+              + f"np.save({str(tmp_path / 'p.npy')!r}, p)\n"
+              + f"print(sorted(m for m in {absent!r} if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-    state = mj.load_run(runs["cnn"]).model_state(0)
-    _agree(np.load(tmp_path / "p.npy"), mj.predict(state, batches[7]))
+    return np.load(tmp_path / "p.npy")
 
 
 def test_the_onnx_file_runs_in_onnxruntime_without_jax(runs, batches, tmp_path):
     _needs("onnx")
     done = _export(runs["bncnn"], "onnx", tmp_path / "bn.onnx", batches)
-    np.save(tmp_path / "x.npy", batches[7])
-    script = textwrap.dedent(f"""
-        import sys, numpy as np, onnxruntime as ort
+    probs = _in_a_bare_process(tmp_path, batches[7], ("jax", "mnist_jax", "flax"), f"""
+        import onnxruntime as ort
         s = ort.InferenceSession({str(done.path)!r}, providers=["CPUExecutionProvider"])
-        p = s.run(None, {{"images": np.load({str(tmp_path / 'x.npy')!r})}})[0]
-        np.save({str(tmp_path / 'p.npy')!r}, p)
-        print(sorted(m for m in ("jax", "mnist_jax", "flax") if m in sys.modules))
+        p = s.run(None, {{"images": x}})[0]
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-    state = mj.load_run(runs["bncnn"]).model_state(0)
-    _agree(np.load(tmp_path / "p.npy"), mj.predict(state, batches[7]))
+    _agree(probs, mj.predict(mj.load_run(runs["bncnn"]).model_state(0), batches[7]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -235,15 +234,15 @@ def _bad_body(name: str, photos) -> tuple[bytes, str]:
 @pytest.mark.parametrize("name", list(BAD_BODIES))
 def test_bad_body_is_a_400_with_one_line_and_the_server_keeps_answering(server, photos, name):
     body, kind = _bad_body(name, photos)
-    start = time.perf_counter()
     status, answer = _post(server.url, body, kind)
     assert status == 400, answer
     assert list(answer) == ["error"]
     assert answer["error"] and "\n" not in answer["error"] and len(answer["error"]) < 300
     assert "upload-" not in answer["error"]  # the scratch file is not the user's business
     if name == "bomb 30000x30000":
-        assert "too large" in answer["error"]
-        assert time.perf_counter() - start < 10  # refused from its header, never decoded
+        # refused by the size its header gives (that nothing is decoded first is
+        # tests/test_images.py's test_decompression_bomb_refused_before_decoding)
+        assert "too large (900,000,000 pixels" in answer["error"]
     status, _ = _post(server.url, _good_png(photos), "image/png")
     assert status == 200
 
@@ -264,39 +263,37 @@ def test_wrong_method_or_path_is_a_json_error(server, method, path, code):
     assert _request(server.url, "GET", "/health")[0] == 200
 
 
-def _raw_exchange(url: str, head: bytes, body_parts) -> tuple[bytes, float]:
+def _raw_exchange(url: str, head: bytes, body_parts) -> bytes:
     """Send ``head`` and then the parts (stopping if the server hangs up); returns what the
-    server answered and the seconds until its first byte arrived."""
+    server answered (nothing if it waited past the socket's timeout for more)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        start = time.perf_counter()
         s.sendall(head)
         try:
             for part in body_parts:
                 s.sendall(part)
         except OSError:  # the server refused and closed: what it said is in the buffer
             pass
-        data, first = b"", None
+        data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
             try:
                 got = s.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, TimeoutError):
                 break
             if not got:
                 break
-            first = first or time.perf_counter() - start
             data += got
-    return data, first or float("inf")
+    return data
 
 
 def test_body_over_max_body_is_413_without_being_read(server):
-    # The header announces 20 MB, only 1 KB is sent: the answer comes without the rest.
+    # The header announces 20 MB, only 1 KB is ever sent: an answer at all means the server
+    # did not wait to read the rest.
     head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
             b"Content-Length: 20000000\r\n\r\n")
-    data, seconds = _raw_exchange(server.url, head, [b"\0" * 1024])
+    data = _raw_exchange(server.url, head, [b"\0" * 1024])
     assert data.startswith(b"HTTP/1.1 413"), data[:200]
     assert b'"error":"body of 20,000,000 bytes is over the limit of 10,000,000"' in data
-    assert seconds < 5
     assert _request(server.url, "GET", "/health")[0] == 200
 
 
@@ -306,7 +303,7 @@ def test_streamed_body_over_max_body_is_413_once_it_passes_the_limit(trained):
     head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     with serve.start_server(trained, max_body=50_000) as small:
-        data, _ = _raw_exchange(small.url, head, parts)
+        data = _raw_exchange(small.url, head, parts)
         assert data.startswith(b"HTTP/1.1 413"), data[:200]
         assert b"over the limit of 50,000 bytes" in data
         assert _request(small.url, "GET", "/health")[0] == 200
@@ -408,7 +405,7 @@ def test_command_prints_one_ready_line_survives_a_barrage_and_stops_on_ctrl_c(tr
                     assert _post(url, body, kind)[0] == 400
                 head = (b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
                         b"Content-Length: 20000000\r\n\r\n")
-                assert _raw_exchange(url, head, [b"\0" * 1024])[0].startswith(b"HTTP/1.1 413")
+                assert _raw_exchange(url, head, [b"\0" * 1024]).startswith(b"HTTP/1.1 413")
                 assert _post(url, good, "image/png")[0] == 200
 
         barrage(2)  # warm: every code path has run once

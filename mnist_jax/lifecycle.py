@@ -127,7 +127,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
     start, :class:`mnist_jax.run.TrainingDiverged` on a non-finite loss,
     :class:`TrainingInterrupted` after a Ctrl-C (the completed epochs saved).
     """
-    from mnist_jax.run import build_model, plan_run
+    from mnist_jax.run import build_model, device_description, plan_run
 
     t_start = time.perf_counter()
     config, model = _settle(config, model, optimizer)
@@ -145,7 +145,7 @@ def train_run(config: TrainConfig, out: str | Path | None = None, *, resume: boo
            else _FollowerRun(out))  # only process 0 writes the run folder
     recorder = _Recorder(run, config, progress)
     state, history = recorder.restore(fresh, resume, log)
-    base = {"config": config.to_dict(), "device": _device(),
+    base = {"config": config.to_dict(), "device": device_description(),
             "memory": {k: fits[k] for k in ("needed_bytes", "available_bytes", "memory_source")}}
     result = recorder.fit(plan, base, model=model, optimizer=optimizer, state=state,
                           history=history)
@@ -188,11 +188,6 @@ def _fresh_state(plan, model, optimizer, log: Callable[[str], None]) -> tuple[An
         log(model_summary(model))
         fresh = init()
         return fresh, fits.result()
-
-
-def _device() -> dict[str, Any]:
-    from mnist_jax.run import device_description
-    return device_description()
 
 
 class _Recorder:

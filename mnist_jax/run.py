@@ -291,7 +291,7 @@ def check_training_fits(config: TrainConfig | Plan, dataset: data_lib.Dataset | 
     train state and data —, outputs and temporaries such as the activations of a batch,
     plus the test/validation arrays) against :func:`available_memory`. Raises UsageError
     stating needed and available bytes. ``config`` may be a :class:`Plan` already made
-    (then ``dataset`` and ``options`` are the plan's). ``state`` may be the arrays or only
+    (then ``dataset`` is the plan's, and ``options``, if given, replace its step options). ``state`` may be the arrays or only
     their shapes (:meth:`StateInit.shapes`: the program compiles while the arrays are
     made). Compiling here costs nothing extra: ``fit`` with that state (and step
     ``options``) reuses the program. Returns ``{"needed_bytes", "available_bytes",

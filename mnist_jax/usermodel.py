@@ -143,11 +143,10 @@ def as_model(model: Any, num_models: int = 1) -> Any:
     * an NNX class or callable called as ``f(rngs=nnx.Rngs(...))``: one model per seed;
     * an NNX instance: one model trained from its own weights (``num_models`` must be 1).
     """
+    if isinstance(model, nnx.bridge.ToLinen):
+        return NNXModel.from_callable(functools.partial(model.nnx_class, *model.args,
+                                                        **dict(model.kwargs)))
     if isinstance(model, (NNXModel, nn.Module)):
-        bridged = getattr(model, "nnx_class", None)
-        if isinstance(model, nnx.bridge.ToLinen) and bridged is not None:
-            return NNXModel.from_callable(functools.partial(bridged, *model.args,
-                                                            **dict(model.kwargs)))
         return model
     if isinstance(model, nnx.Module):
         if num_models > 1:
@@ -159,7 +158,7 @@ def as_model(model: Any, num_models: int = 1) -> Any:
     if _is_subclass(model, nn.Module):
         raise UsageError(f"model={model.__name__} is a linen Module class: pass an instance, "
                          f"model={model.__name__}(...)")
-    if callable(model) and not isinstance(model, type) or _is_subclass(model, nnx.Module):
+    if _is_subclass(model, nnx.Module) or (callable(model) and not isinstance(model, type)):
         return NNXModel.from_callable(model)
     raise UsageError(f"model: a {type(model).__name__} is neither a flax.linen Module nor an "
                      "NNX Module (or a class or callable building one)")

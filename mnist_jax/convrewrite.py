@@ -204,18 +204,16 @@ def _canonical_args(eqn) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The transposes that bring ``eqn``'s operands to NHWC / HWIO when it is a
     convolution :func:`canonical_conv` computes, else None."""
     p = eqn.params
-    lhs, rhs = (v.aval for v in eqn.invars)
     if not (CANONICAL_CONVS and len(p["window_strides"]) == 2 and _is_f32(*eqn.invars)
             and tuple(p["window_strides"]) == (1, 1) and tuple(p["lhs_dilation"]) == (1, 1)
             and tuple(p["rhs_dilation"]) == (1, 1) and p["feature_group_count"] == 1
             and p["batch_group_count"] == 1 and p["preferred_element_type"] is None):
         return None
     dn = p["dimension_numbers"]
-    kernel = [rhs.shape[a] for a in dn.rhs_spec[2:]]
+    kernel = [eqn.invars[1].aval.shape[a] for a in dn.rhs_spec[2:]]
     if not all(0 <= lo <= k - 1 and 0 <= hi <= k - 1
                for k, (lo, hi) in zip(kernel, p["padding"])):
         return None
-    del lhs
     return ((dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]),
             (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
 

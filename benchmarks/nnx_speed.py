@@ -269,8 +269,9 @@ def mnist_jax_runner(state: mj.TrainState, images: np.ndarray, labels: np.ndarra
     mnist-jax's compiled epoch program, carrying the state; its compile seconds and
     :func:`_program_cost`)."""
     config = mj.TrainConfig(batch_size=batch_size, seeds=(0,), epochs=1)
-    fns = training.compile_fns(batch_size, 1, options=run_lib.step_options(config),
-                               epoch_loop_emitters=run_lib.epoch_loop_emitters(state))
+    options = run_lib.step_options(config)
+    fns = training.compile_fns(batch_size, 1, options=options,
+                               epoch_options=run_lib.epoch_compile_options(state, options))
     x, y = jnp.asarray(images), jnp.asarray(labels)
     t = time.perf_counter()
     epoch = fns.train_epoch.lower(state, x, y).compile()

@@ -53,7 +53,7 @@ from bench import (matmul_ceiling, parse_timing_args, script_header,  # noqa: E4
                    write_result_files)
 from mnist_jax import run as run_lib  # noqa: E402
 from mnist_jax.summary import flops_per_example  # noqa: E402
-from mnist_jax.training import loop_emitter_options, run_steps  # noqa: E402
+from mnist_jax.training import run_steps  # noqa: E402
 
 # Kinds of kernel, by XLA's op name: first match wins (a fused select that writes
 # into a scan's buffer counts as a scan buffer update).
@@ -152,8 +152,8 @@ def profile_recipe(recipe: str, steps: int, rounds: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 256, (steps, config.batch_size, 28, 28), dtype=np.uint8))
     y = jnp.asarray(rng.integers(0, 10, (steps, config.batch_size)), jnp.int32)
-    # the XLA options the run's epoch compiles with (run.epoch_loop_emitters)
-    xla_options = loop_emitter_options() if run_lib.epoch_loop_emitters(state) else None
+    # the XLA options the run's epoch compiles with
+    xla_options = dict(run_lib.epoch_compile_options(state, options)) or None
     t = time.perf_counter()
     fn = jax.jit(run_steps, static_argnums=(3, 4), compiler_options=xla_options).lower(
         state, x, y, None, options).compile()

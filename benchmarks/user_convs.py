@@ -147,8 +147,9 @@ def epoch_runner(model, batch: int, steps: int, convs: str) -> tuple[Callable[[]
     """mnist-jax's compiled epoch (what ``fit`` runs) over ``steps`` batches."""
     state = _state(model, batch)
     x, y = _digits(steps, batch)
-    fns = training.compile_fns(batch, 1, options=training.StepOptions(convs=convs),
-                               epoch_loop_emitters=run_lib.epoch_loop_emitters(state))
+    options = training.StepOptions(convs=convs)
+    fns = training.compile_fns(batch, 1, options=options,
+                               epoch_options=run_lib.epoch_compile_options(state, options))
     t = time.perf_counter()
     epoch = fns.train_epoch.lower(state, x, y).compile()
     compile_s = time.perf_counter() - t

@@ -10,9 +10,10 @@ a function (a model's ``apply``) so that, when it is traced, its jaxpr is taken
 * chains of conv (stride 1, NHWC, float32) -> bias -> ``jax.nn.relu`` with a p x p
   max-pool before or after the ReLU, one after another, as the built-in CNNs' fused
   custom-VJP stack (:func:`mnist_jax.fastconv.conv_stack`; :data:`FUSE_STACKS`);
-* other stride-1 2-D convolutions as XLA's own, with gradients written as plain-layout
-  convolutions (:func:`canonical_conv`; :data:`CANONICAL_CONVS`): it is the gradients
-  JAX derives whose exchanged dimension roles XLA:CPU runs slowly inside a loop;
+* other float32 2-D convolutions (any stride, padding within the kernel, no dilation or
+  feature groups) as XLA's own, with gradients written as plain-layout convolutions
+  (:func:`canonical_conv`; :data:`CANONICAL_CONVS`): it is the gradients JAX derives whose
+  exchanged dimension roles XLA:CPU runs slowly inside a loop;
 * every other ``conv_general_dilated`` (any padding, stride, input and kernel dilation,
   feature groups, dimension numbers, any number of spatial dimensions) as im2col + one
   ``dot_general`` (:func:`conv_as_matmul`), and
@@ -156,48 +157,54 @@ def _conv_unsupported(eqn) -> str | None:
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def canonical_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
-                   precision: Any = None) -> jax.Array:
-    """A stride-1 2-D convolution of an NHWC ``x`` with an HWIO ``w``, XLA's own, whose
-    gradients are XLA convolutions in the same plain layouts.
+                   strides: tuple[int, int] = (1, 1), precision: Any = None) -> jax.Array:
+    """A 2-D convolution of an NHWC ``x`` with an HWIO ``w``, XLA's own, whose gradients
+    are XLA convolutions in the same plain layouts.
 
     The gradients that JAX derives for a convolution are convolutions with exchanged
     dimension roles (a kernel with input and output swapped, the batch contracted), and
     inside a compiled loop XLA:CPU runs those tens of times slower than alone; the
     forward convolution and these plain-layout forms run at their usual speed there
     (docs/cpu-convolutions.md). ``padding`` is ((lo, hi), (lo, hi)), each within
-    [0, kernel - 1].
+    [0, kernel - 1]; ``strides`` any positive pair.
     """
-    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DN,
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN,
                                     precision=precision)
 
 
-def _canonical_fwd(x, w, padding, precision):
-    return canonical_conv(x, w, padding, precision), (x, w)
+def _canonical_fwd(x, w, padding, strides, precision):
+    return canonical_conv(x, w, padding, strides, precision), (x, w)
 
 
-def _canonical_bwd(padding, precision, res, g):
+def _canonical_bwd(padding, strides, precision, res, g):
     x, w = res
     kernel = w.shape[:2]
-    # dx: the output's gradient correlated with the flipped kernel, input and output
-    # channels exchanged ("full" padding less the forward's)
+    # input rows past the last window a stride reaches: they get no gradient
+    left = [(n + lo + hi - k) % s for n, k, s, (lo, hi) in zip(x.shape[1:3], kernel, strides,
+                                                                  padding)]
+    # dx: the output's gradient, spread out by the strides, correlated with the flipped
+    # kernel, input and output channels exchanged ("full" padding less the forward's)
     flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    full = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, padding)]
-    dx = lax.conv_general_dilated(g, flipped, (1, 1), full, dimension_numbers=_DN,
-                                  precision=precision)
+    full = [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(kernel, padding, left)]
+    dx = lax.conv_general_dilated(g, flipped, (1, 1), full, lhs_dilation=strides,
+                                  dimension_numbers=_DN, precision=precision)
     # dw: channels of x as the batch, its batch as the features, the output's gradient
-    # (H, W, N, O) as the kernel: the result is (I, kh, kw, O)
+    # (H, W, N, O), dilated by the strides, as the kernel: the result is (I, kh, kw, O)
     dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-                                  padding, dimension_numbers=_DN, precision=precision)
+                                  [(lo, hi - r) for (lo, hi), r in zip(padding, left)],
+                                  rhs_dilation=strides, dimension_numbers=_DN,
+                                  precision=precision)
     return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
 canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 
 CANONICAL_CONVS = True
-"""Stride-1 2-D convolutions outside the fused stacks run as :func:`canonical_conv`, not
-im2col: XLA's forward and plain-layout gradient convolutions beat im2col there."""
+"""2-D convolutions outside the fused stacks run as :func:`canonical_conv`, not im2col:
+XLA's forward and plain-layout gradient convolutions beat im2col there (for strided ones
+once the epoch compiles with :data:`mnist_jax.training.CPU_LIBRARY_FUSIONS`)."""
 
 
 def _canonical_args(eqn) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -205,7 +212,7 @@ def _canonical_args(eqn) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     convolution :func:`canonical_conv` computes, else None."""
     p = eqn.params
     if not (CANONICAL_CONVS and len(p["window_strides"]) == 2 and _is_f32(*eqn.invars)
-            and tuple(p["window_strides"]) == (1, 1) and tuple(p["lhs_dilation"]) == (1, 1)
+            and tuple(p["lhs_dilation"]) == (1, 1)
             and tuple(p["rhs_dilation"]) == (1, 1) and p["feature_group_count"] == 1
             and p["batch_group_count"] == 1 and p["preferred_element_type"] is None):
         return None
@@ -223,7 +230,8 @@ def _rewrite_conv(eqn, lhs, rhs):
     perms = _canonical_args(eqn)
     if perms is not None:
         y = canonical_conv(jnp.transpose(lhs, perms[0]), jnp.transpose(rhs, perms[1]),
-                           tuple(map(tuple, p["padding"])), p["precision"])
+                           tuple(map(tuple, p["padding"])), tuple(p["window_strides"]),
+                           p["precision"])
         out = p["dimension_numbers"].out_spec  # y is N H W C
         return jnp.transpose(y, np.argsort((out[0], *out[2:], out[1])))
     return conv_as_matmul(lhs, rhs, window_strides=p["window_strides"], padding=p["padding"],

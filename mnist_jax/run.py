@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import data as data_lib
-from mnist_jax import models, parallel
+from mnist_jax import convrewrite, models, parallel
 from mnist_jax.config import CUSTOM, TrainConfig
 from mnist_jax.errors import MnistJaxError, UsageError, first_line
 from mnist_jax.rundir import CURVE_SUFFIX
 from mnist_jax.augment import AugmentSpec
 from mnist_jax.usermodel import as_model
 from mnist_jax.training import (CompiledFns, CrossEntropy, StepOptions, TrainState, compile_fns,
-                                create_train_state, exposes_learning_rate, loop_emitter_options,
+                                CPU_LIBRARY_FUSIONS, CPU_LOOP_EMITTERS, create_train_state,
+                                exposes_learning_rate, loop_emitter_options,
                                 make_optimizer, stack_states, to_host)
 
 
@@ -180,12 +181,30 @@ def _init_compile_options() -> dict[str, Any] | None:
     return None if loop is None else {"xla_backend_optimization_level": 2, **loop}
 
 
-def epoch_loop_emitters(state: TrainState) -> bool:
-    """Whether the training epoch of ``state``'s model compiles with XLA:CPU's loop emitters
-    (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`): for a :class:`~mnist_jax.models.CNN`
-    whose fast conv stack computes channel-major (the speedrun's smallcnn)."""
+def epoch_compile_options(state: TrainState,
+                          options: StepOptions = StepOptions()) -> tuple[tuple[str, Any], ...]:
+    """The XLA options (name, value) that the training epoch of ``state``'s model compiles
+    with on the CPU: the loop emitters (:data:`~mnist_jax.training.CPU_LOOP_EMITTERS`) for
+    a :class:`~mnist_jax.models.CNN` whose fast conv stack computes channel-major (the
+    speedrun's smallcnn); the library fusions
+    (:data:`~mnist_jax.training.CPU_LIBRARY_FUSIONS`) for a model of the user's with
+    convolution kernels that ``options.convs`` rewrites; none for anything else."""
+    if jax.default_backend() != "cpu":
+        return ()
     model = getattr(state.apply_fn, "__self__", None)
-    return isinstance(model, models.CNN) and model.trains_channel_major
+    if isinstance(model, models.CNN) and model.trains_channel_major:
+        return tuple(CPU_LOOP_EMITTERS.items())
+    if (not isinstance(model, (models.MLP, models.CNN, models.BNCNN))
+            and convrewrite.resolve(options.convs) and _has_conv_kernels(state)):
+        return tuple(CPU_LIBRARY_FUSIONS.items())
+    return ()
+
+
+def _has_conv_kernels(state: TrainState) -> bool:
+    """Whether the model has a convolution's kernel: a parameter of 4 or more axes
+    (5 or more when the state holds several models)."""
+    stacked = np.ndim(state.step)  # a stacked state's step counts per model
+    return any(np.ndim(p) >= 4 + stacked for p in jax.tree.leaves(state.params))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +266,7 @@ def _run_fns(config: TrainConfig, mesh, options: StepOptions, state: TrainState)
     """The jitted functions that train and evaluate ``state`` as ``config`` says."""
     return _compiled_fns(config.batch_size, config.num_models,
                          parallel.batch_sharding(mesh) if mesh.devices.size > 1 else None,
-                         None, options, epoch_loop_emitters(state))
+                         None, options, epoch_compile_options(state, options))
 
 
 def available_memory(device=None) -> tuple[int | None, str]:

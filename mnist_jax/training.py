@@ -417,6 +417,15 @@ training epochs, only the channel-major conv stack's (the speedrun's smallcnn, w
 they make faster). Figures: the docs' Benchmarks page."""
 
 
+CPU_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,"
+                       "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"}
+"""XLA:CPU's library (YNNPACK) fusions of matrix products with the elementwise work and
+reductions around them. A user's conv net whose convolutions :mod:`mnist_jax.convrewrite`
+rewrote (XLA convolutions with plain-layout gradients, matrix products, BatchNorm's
+reductions) trains faster with them; the built-in models and a plain MLP do not, and
+Flax's per-step loop runs slower with them. Figures: the docs' Benchmarks page."""
+
+
 def loop_emitter_options(platform: str | None = None) -> dict[str, Any] | None:
     """:data:`CPU_LOOP_EMITTERS` on the CPU backend (or ``platform``), else None."""
     return dict(CPU_LOOP_EMITTERS) if (platform or jax.default_backend()) == "cpu" else None
@@ -426,10 +435,12 @@ def compile_fns(batch_size: int, num_models: int,
                 batch_sharding: NamedSharding | None = None,
                 model_axis: str | None = None,
                 options: StepOptions = StepOptions(),
-                epoch_loop_emitters: bool = False) -> CompiledFns:
+                epoch_options: tuple[tuple[str, Any], ...] = ()) -> CompiledFns:
     """jit the pure functions; over the model axis when ``num_models > 1``, as
     ``model_axis`` says (default: :func:`default_model_axis`). Evaluation and prediction
-    compile with :func:`loop_emitter_options`, the epoch too if ``epoch_loop_emitters``."""
+    compile with :func:`loop_emitter_options`, the epoch with the XLA options
+    ``epoch_options`` ((name, value) pairs, hashable so that compiled functions can be
+    cached; :func:`mnist_jax.run.epoch_compile_options` picks them for a model)."""
     epoch = functools.partial(train_epoch, batch_size=batch_size, batch_sharding=batch_sharding,
                               options=options)
     evaluate = functools.partial(eval_metrics, convs=options.convs)
@@ -440,7 +451,7 @@ def compile_fns(batch_size: int, num_models: int,
         evaluate = over_models(evaluate, 2, axis)
         predict = over_models(predict, 1, axis)
     one_off = loop_emitter_options()
-    return CompiledFns(jax.jit(epoch, compiler_options=one_off if epoch_loop_emitters else None),
+    return CompiledFns(jax.jit(epoch, compiler_options=dict(epoch_options) or None),
                        jax.jit(evaluate, compiler_options=one_off),
                        jax.jit(predict, compiler_options=one_off))
 

@@ -205,15 +205,21 @@ def _only_plain_xla_convs(jaxpr) -> None:
     assert text.count("conv_general_dilated[") == text.count("name=canonical_conv"), text
 
 
-def test_a_canonical_convolutions_gradients_are_plain_layout_convolutions():
+@pytest.mark.parametrize("size,kernel,strides,pads", [
+    (7, 3, (1, 1), ((1, 1), (0, 2))),
+    (8, 3, (2, 2), ((0, 1), (1, 1))),  # a row of the input past the last window
+    (7, 1, (2, 3), ((0, 0), (0, 0))),  # a strided 1x1 shortcut, rows and columns left over
+    (9, 5, (3, 2), ((2, 2), (4, 0))),
+])
+def test_a_canonical_convolutions_gradients_are_plain_layout_convolutions(size, kernel, strides,
+                                                                          pads):
     """The forward and both gradients of canonical_conv are NHWC x HWIO convolutions: none
     with exchanged dimension roles, which XLA:CPU runs slowly inside a loop."""
-    x = np.random.default_rng(5).normal(size=(2, 7, 7, 3)).astype(np.float32)
-    w = np.random.default_rng(6).normal(size=(3, 3, 3, 4)).astype(np.float32)
-    pads = ((1, 1), (0, 2))
-    f = lambda x, w: jnp.sum(jnp.sin(convrewrite.canonical_conv(x, w, pads)))
+    x = np.random.default_rng(5).normal(size=(2, size, size + 1, 3)).astype(np.float32)
+    w = np.random.default_rng(6).normal(size=(kernel, kernel, 3, 4)).astype(np.float32)
+    f = lambda x, w: jnp.sum(jnp.sin(convrewrite.canonical_conv(x, w, pads, strides)))
     ref = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(
-        x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+        x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
     _close(jax.grad(f, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w))
     convs = [e for e in jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).eqns
              if e.primitive.name == "conv_general_dilated"]
@@ -275,3 +281,37 @@ def test_impl_steers_a_user_module_and_stays_refused_for_the_mlp():
     with pytest.raises(UsageError, match="--impl is a setting of .* a module of yours; "
                                          "--model mlp does not use it"):
         TrainConfig.from_recipe("tutorial", impl="xla")
+
+
+def test_a_user_conv_net_trains_with_library_fusions_and_nothing_else_does():
+    """On the CPU the epoch of a user's module with convolution kernels, rewritten, compiles
+    with XLA's library fusions; its MLP, the built-in models and --impl xla do not."""
+    from mnist_jax.run import epoch_compile_options
+    from mnist_jax.training import CPU_LIBRARY_FUSIONS, stack_states
+
+    class UserMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    fusions = tuple(CPU_LIBRARY_FUSIONS.items())
+    conv_net = create_train_state(ResBlockNet(), optax.adam(1e-3), 0)
+    assert epoch_compile_options(conv_net) == fusions
+    assert epoch_compile_options(stack_states([conv_net, conv_net])) == fusions
+    assert epoch_compile_options(conv_net, StepOptions(convs="xla")) == ()
+    mlp = create_train_state(UserMLP(), optax.adam(1e-3), 0)
+    assert epoch_compile_options(stack_states([mlp, mlp])) == ()
+    assert epoch_compile_options(create_train_state(models.create_model("bncnn"),
+                                                    optax.adam(1e-3), 0)) == ()
+
+
+def test_the_epoch_with_library_fusions_trains_as_xlas_default_does():
+    from mnist_jax.training import CPU_LIBRARY_FUSIONS
+    state = create_train_state(ResBlockNet(), optax.adam(1e-3), 0)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.integers(0, 256, (512, 28, 28), dtype=np.uint8))
+    y = jnp.asarray(rng.integers(0, 10, 512), jnp.int32)
+    fused = compile_fns(128, 1, epoch_options=tuple(CPU_LIBRARY_FUSIONS.items())).train_epoch
+    default = compile_fns(128, 1).train_epoch
+    assert fused.lower(state, x, y).compile().as_text() != default.lower(state, x, y).compile().as_text()
+    _close(fused(state, x, y), default(state, x, y))

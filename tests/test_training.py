@@ -14,8 +14,8 @@ from mnist_jax import data as data_lib
 from mnist_jax.config import TrainConfig
 from mnist_jax.models import MLP
 from mnist_jax.run import (StateInit, TrainingDiverged, build_model, build_optimizer,
-                           check_training_fits, epoch_loop_emitters, fit, init_state)
-from mnist_jax.training import (CURVE_POINTS, compile_fns, create_train_state,
+                           check_training_fits, epoch_compile_options, fit, init_state)
+from mnist_jax.training import (CPU_LOOP_EMITTERS, CURVE_POINTS, compile_fns, create_train_state,
                                 epoch_permutation, eval_metrics, injected_hyperparams,
                                 make_optimizer, predict_probs,
                                 stack_states, train_epoch, train_step, unstack_state)
@@ -239,7 +239,8 @@ def test_evaluation_and_prediction_compiled_with_loop_emitters_are_bitwise_xlas_
 def test_only_the_channel_major_conv_stack_trains_with_loop_emitters(recipe, loop):
     """The loop emitters run the MLP's epoch 48% slower and give bncnn's other bits: only
     the speedrun's channel-major conv stack, which they run faster, trains with them."""
-    assert epoch_loop_emitters(init_state(TrainConfig.from_recipe(recipe))) is loop
+    options = epoch_compile_options(init_state(TrainConfig.from_recipe(recipe)))
+    assert options == (tuple(CPU_LOOP_EMITTERS.items()) if loop else ())
 
 
 def test_the_speedrun_epoch_compiled_with_loop_emitters_is_bitwise_xlas_default():
@@ -247,7 +248,8 @@ def test_the_speedrun_epoch_compiled_with_loop_emitters_is_bitwise_xlas_default(
     state = init_state(config)
     ds = synthetic(4 * config.batch_size + 128)
     x, y = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
-    loop = compile_fns(config.batch_size, 1, epoch_loop_emitters=True).train_epoch
+    loop = compile_fns(config.batch_size, 1,
+                       epoch_options=tuple(CPU_LOOP_EMITTERS.items())).train_epoch
     default = compile_fns(config.batch_size, 1).train_epoch
     programs = [fn.lower(state, x, y).compile().as_text() for fn in (loop, default)]
     assert programs[0] != programs[1]  # the option took effect

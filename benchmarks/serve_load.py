@@ -2,9 +2,10 @@
 
 One server (:func:`mnist_jax.serve.start_server`, on 127.0.0.1, port chosen by the system)
 serves a run from a thread of this process. A separate client process opens ``--clients``
-keep-alive connections (one thread each) and posts the same digit again and again: a
-photo-like PNG of a real MNIST test digit (``--body png``: the full ``mnist-jax predict``
-preprocessing per request) or its 28x28 ``{"pixels"}`` JSON (``--body json``). Between
+keep-alive connections (asyncio tasks, each request's bytes built once) and posts the same
+digit again and again: a photo-like PNG of a real MNIST test digit (``--body png``: the
+full ``mnist-jax predict`` preprocessing per request) or its 28x28 ``{"pixels"}`` JSON
+(``--body json``). Between
 client runs the server's predictor switches between
 
 * ``batched``: requests that arrive together share one compiled call (the default), and
@@ -24,7 +25,6 @@ Writes ``benchmarks/results/serve_load-<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,53 +48,60 @@ MODES = ("batched", "one-at-a-time")
 # ---------------------------------------------------------------------------------------
 def client_main(url: str, body_path: str, content_type: str, clients: int,
                 seconds: float, expect: int = 200) -> dict:
-    """``clients`` threads, each posting ``body`` over its own keep-alive connection for
-    ``seconds``; returns every latency (s), the errors (answers other than ``expect``) and
-    the wall time."""
+    """``clients`` keep-alive connections, each posting ``body`` again and again for
+    ``seconds`` (one asyncio task per connection, the request's bytes built once, so the
+    load generator leaves the shared cores to the server); returns every latency (s), the
+    errors (answers other than ``expect``, failed connections) and the wall time."""
+    import asyncio
     host, port = url.removeprefix("http://").rsplit(":", 1)
     body = Path(body_path).read_bytes()
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[list[str]] = [[] for _ in range(clients)]
-    start_line = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+    request = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: "
+               f"{content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    latencies: list[float] = []
+    errors: list[str] = []
 
-    def worker(i: int) -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        start_line.wait()
-        while time.perf_counter() < stop_at[0]:
+    async def exchange(reader, writer) -> tuple[int, bytes]:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        return status, await reader.readexactly(length)
+
+    async def worker(stop_at: float) -> None:
+        conn = None
+        while time.perf_counter() < stop_at:
             t = time.perf_counter()
             try:
-                conn.request("POST", "/predict", body=body,
-                             headers={"Content-Type": content_type})
-                response = conn.getresponse()
-                answer = response.read()
-                if response.status != expect or (expect == 200 and b'"class"' not in answer):
-                    errors[i].append(f"{response.status} {answer[:80]!r}")
-                    continue
-            except (OSError, http.client.HTTPException) as e:
-                errors[i].append(f"{type(e).__name__}: {e}")
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                if conn is None:
+                    conn = await asyncio.open_connection(host, int(port))
+                status, answer = await asyncio.wait_for(exchange(*conn), 30)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError, ValueError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn[1].close()
+                conn = None
                 continue
-            latencies[i].append(time.perf_counter() - t)
-        conn.close()
+            if status != expect or (expect == 200 and b'"class"' not in answer):
+                errors.append(f"{status} {answer[:80]!r}")
+                continue
+            latencies.append(time.perf_counter() - t)
+        if conn is not None:
+            conn[1].close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + seconds
-    start_line.wait()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"latencies": [x for xs in latencies for x in xs],
-            "errors": [x for xs in errors for x in xs], "wall_s": wall}
+    async def main() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(t0 + seconds) for _ in range(clients)))
+        return time.perf_counter() - t0
+
+    wall = asyncio.run(main())
+    return {"latencies": latencies, "errors": errors, "wall_s": wall}
 
 
 def run_clients(url: str, body_path: Path, content_type: str, clients: int,
                 seconds: float, expect: int = 200) -> dict:
-    """:func:`client_main` in a fresh process (its threads must not share our GIL)."""
+    """:func:`client_main` in a fresh process (it must not share the server's GIL)."""
     cmd = [sys.executable, __file__, "--client", url, str(body_path), content_type,
            str(clients), str(seconds), str(expect)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,

@@ -364,6 +364,25 @@ def test_predictor_without_batching_runs_each_request_alone(trained, test_digits
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_waiting_requests_run_as_full_batches_and_none_is_computed_for_nothing(trained,
+                                                                              test_digits):
+    """Seven requests waiting with batch sizes 1 and 4: a call of 4, then the three left
+    (with no newcomer) as calls of 1; every image computed is a request's, and every
+    answer is its own image's."""
+    predictor = serve.Predictor(mj.load_run(trained).model_state(0), batch_sizes=(1, 4),
+                                max_wait=0.0)
+    images = test_digits[0][:7]
+    futures = [predictor.submit(img) for img in images]  # queued before the worker starts
+    predictor.start()
+    try:
+        got = np.stack([f.result(30) for f in futures])
+    finally:
+        predictor.stop()
+    assert dict(predictor.stats) == {"calls": 4, "images": 7, "size_4": 1, "size_1": 3}
+    want = mj.predict(mj.load_run(trained).model_state(0), images)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_a_cancelled_request_is_skipped_and_the_worker_goes_on(trained, test_digits):
     predictor = serve.Predictor(mj.load_run(trained).model_state(0), batch_sizes=(1, 4))
     gone = predictor.submit(test_digits[0][0])  # queued before the worker starts

@@ -23,6 +23,8 @@ speedrun layers (Conv5x5-24, pool, ReLU, Conv3x3-32, pool, ReLU, Dense 256, Dens
 * ``resnet_im2col``: the script's net as written (its hand-written im2col ``Conv``);
 * ``resnet_conv``: the same net with plain ``nn.Conv`` (stride and SAME padding as
   ``nn.Conv`` has them), mnist-jax's compiled epoch;
+* ``resnet_conv_defaults``: the same, its epoch compiled with XLA's default options
+  instead of the library fusions ``fit`` picks for it (what they are worth);
 * ``flax_loop_resnet_conv``: the ``nn.Conv`` net in Flax's per-step loop.
 
 Every row uses Adam.
@@ -72,6 +74,7 @@ LABELS = {
     "flax_loop_nnx": "NNX nnx.Conv, Flax NNX tutorial loop (nnx.jit per batch)",
     "resnet_im2col": "ResNet, hand-written im2col Conv, compiled epoch",
     "resnet_conv": "ResNet, nn.Conv, compiled epoch (rewritten)",
+    "resnet_conv_defaults": "ResNet, nn.Conv, compiled epoch (rewritten), XLA's default options",
     "flax_loop_resnet_conv": "ResNet, nn.Conv, Flax loop (jit per batch)",
 }
 
@@ -143,13 +146,17 @@ def _state(model, batch: int) -> mj.TrainState:
     return mj.init_state(config, model=model, optimizer=mj.make_optimizer(1e-3))
 
 
-def epoch_runner(model, batch: int, steps: int, convs: str) -> tuple[Callable[[], None], float]:
-    """mnist-jax's compiled epoch (what ``fit`` runs) over ``steps`` batches."""
+def epoch_runner(model, batch: int, steps: int, convs: str,
+                 xla_options: bool = True) -> tuple[Callable[[], None], float]:
+    """mnist-jax's compiled epoch (what ``fit`` runs) over ``steps`` batches; with
+    ``xla_options`` off, compiled with XLA's defaults instead of the options ``fit`` picks
+    (``run.epoch_compile_options``)."""
     state = _state(model, batch)
     x, y = _digits(steps, batch)
     options = training.StepOptions(convs=convs)
     fns = training.compile_fns(batch, 1, options=options,
-                               epoch_options=run_lib.epoch_compile_options(state, options))
+                               epoch_options=run_lib.epoch_compile_options(state, options)
+                               if xla_options else ())
     t = time.perf_counter()
     epoch = fns.train_epoch.lower(state, x, y).compile()
     compile_s = time.perf_counter() - t
@@ -233,6 +240,8 @@ def runners(steps: int, rows: list[str]) -> dict[str, Callable[[], tuple[Callabl
         "flax_loop_nnx": lambda: nnx_loop_runner(steps),
         "resnet_im2col": lambda: epoch_runner(resnet_module(False), RESNET_BATCH, steps, "auto"),
         "resnet_conv": lambda: epoch_runner(resnet_module(True), RESNET_BATCH, steps, "auto"),
+        "resnet_conv_defaults": lambda: epoch_runner(resnet_module(True), RESNET_BATCH, steps,
+                                                     "auto", xla_options=False),
         "flax_loop_resnet_conv": lambda: flax_step_runner(resnet_module(True), RESNET_BATCH,
                                                           steps),
     }
@@ -276,6 +285,7 @@ TARGETS = [  # (row, reference row, target ratio: row / reference must be below)
     ("nnx_conv", "flax_loop_nnx", 1.0),
     ("resnet_conv", "flax_loop_resnet_conv", 1.0),
     ("linen_conv", "linen_conv_xla", None),
+    ("resnet_conv", "resnet_conv_defaults", None),
 ]
 
 

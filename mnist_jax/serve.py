@@ -245,12 +245,13 @@ class Predictor:
 
     def _take(self, carry: list) -> list:
         """``carry``, else the oldest request; with batching, every other that joins
-        within max_wait (up to the largest batch size)."""
+        within max_wait (up to the largest batch size); carried requests have waited
+        already, so with them only those queued by now join."""
         import time
         items = carry or [self._queue.get()]
         if not self.batching or items[-1] is None:
             return items
-        deadline = time.monotonic() + self.max_wait
+        deadline = time.monotonic() + (0.0 if carry else self.max_wait)
         while len(items) < self.batch_sizes[-1]:
             remaining = deadline - time.monotonic()
             try:
